@@ -1,0 +1,38 @@
+# Every target creates the virtual environment (.venv) first when it is missing or stale.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml requirements.txt
+
+.PHONY: setup run test test-fast lint format bench cuda-check clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	MAX_JOBS=2 WAVECLIP_CUDA=0 $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)    ## the main job: tokenize, reconstruct and classify the sample photographs
+	$(PY) -m waveclip.demo --out outputs
+
+test: $(STAMP)   ## the whole test suite (CPU only; Triton under its interpreter)
+	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format: $(STAMP)
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+bench: $(STAMP)  ## CPU microbenchmarks and end-to-end figures into bench/results/
+	$(PY) -m waveclip.cli bench --out bench/results
+
+cuda-check: $(STAMP)  ## compile (not run) the CUDA sources so a CUDA compile error fails CI
+	bash bench/cuda_compile_check.sh
+
+clean:
+	rm -rf build *.egg-info waveclip_kernels/_C*.so outputs

@@ -1,0 +1,116 @@
+"""torch.library registration of the four ops (schemas, fake implementations, autograd).
+
+Each op is one custom op whose last argument names the backend the public API already chose,
+so `torch.compile` and FLOP counters see `waveclip::<op>` whatever ran underneath. Backends are
+imported inside the op bodies: registering them touches neither Triton nor the extension.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def backend(impl: str):
+    """The module that implements the ops for a concrete impl name."""
+    if impl == "reference":
+        return reference
+    if impl == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend
+    if impl in ("cpu", "cuda"):
+        from . import extension
+
+        return extension
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def stage_shapes(levels: int, grid: list[int], image_size: list[int]) -> list[tuple[int, int, int]]:
+    """(channels, band height, band width) of every stage, coarse to fine."""
+    H, W = image_size
+    shapes = [(3, H >> levels, W >> levels)]
+    shapes += [(9, H >> lv, W >> lv) for lv in range(levels, 0, -1)]
+    return shapes
+
+
+def stage_dims(levels: int, grid: list[int], image_size: list[int]) -> list[int]:
+    """Token feature size of every stage: channels * (h / Gh) * (w / Gw)."""
+    gh, gw = grid
+    return [c * (h // gh) * (w // gw) for c, h, w in stage_shapes(levels, grid, image_size)]
+
+
+@torch.library.custom_op("waveclip::wavelet_tokenize", mutates_args=())
+def wavelet_tokenize(
+    images: Tensor, levels: int, grid: list[int], color: str, out_dtype: torch.dtype, impl: str
+) -> list[Tensor]:
+    return list(backend(impl).wavelet_tokenize(images, levels, tuple(grid), color, out_dtype))
+
+
+@wavelet_tokenize.register_fake
+def _(images, levels, grid, color, out_dtype, impl):
+    B, _, H, W = images.shape
+    n = grid[0] * grid[1]
+    return [images.new_empty(B, n, d, dtype=out_dtype) for d in stage_dims(levels, grid, [H, W])]
+
+
+@torch.library.custom_op("waveclip::wavelet_detokenize", mutates_args=())
+def wavelet_detokenize(
+    tokens: list[Tensor], levels: int, grid: list[int], color: str, image_size: list[int], impl: str
+) -> Tensor:
+    return backend(impl).wavelet_detokenize(list(tokens), levels, tuple(grid), color, tuple(image_size))
+
+
+@wavelet_detokenize.register_fake
+def _(tokens, levels, grid, color, image_size, impl):
+    return tokens[0].new_empty(tokens[0].shape[0], 3, *image_size)
+
+
+@torch.library.custom_op("waveclip::block_causal_attention", mutates_args=())
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str) -> Tensor:
+    return backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
+
+
+@block_causal_attention.register_fake
+def _(q, k, v, block_sizes, scale, impl):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, block_sizes, scale, _ = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.block_sizes, ctx.scale = block_sizes, scale
+
+
+def _attention_backward(ctx, grad_out):
+    # Gradients come from autograd through the readable reference, whatever ran forward.
+    q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+    with torch.enable_grad():
+        out = reference.block_causal_attention(q, k, v, ctx.block_sizes, ctx.scale)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    return dq, dk, dv, None, None, None
+
+
+block_causal_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("waveclip::attention_with_kv_append", mutates_args=("k_cache", "v_cache"))
+def attention_with_kv_append(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_lens: Tensor,
+    batch_index: Tensor | None,
+    scale: float,
+    impl: str,
+) -> Tensor:
+    return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+
+
+@attention_with_kv_append.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
