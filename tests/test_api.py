@@ -69,7 +69,7 @@ def test_attention_bad_input():
         wk.block_causal_attention(q, q, q, [3, 2], impl="reference")
     with pytest.raises(ValueError, match="sum to N=6"):
         wk.block_causal_attention(q, q, q, [6, 0], impl="reference")
-    with pytest.raises(TypeError, match="k has dtype torch.float64 but q has torch.float32"):
+    with pytest.raises(TypeError, match=r"k has dtype torch\.float64 but q has torch\.float32"):
         wk.block_causal_attention(q, q.double(), q, [6], impl="reference")
     with pytest.raises(ValueError, match="4 dimensions"):
         wk.block_causal_attention(q[0], q[0], q[0], [6], impl="reference")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SENTINEL, guarded, non_contiguous
 
 import waveclip_kernels as wk
-from helpers import SENTINEL, guarded, non_contiguous
 from waveclip_kernels.reference import block_causal_mask
 
 BLOCKS = [[1], [5, 3], [50, 50, 50, 50], [7, 33, 1, 64]]
