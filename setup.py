@@ -36,7 +36,7 @@ def extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     if not cpp_sources:
         return [], {}
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[str(ROOT / "csrc")])
     if cuda_requested(torch):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -47,7 +47,7 @@ def extensions():
             "waveclip_kernels._C",
             cpp_sources + sorted(glob.glob("csrc/*.cu")),
             define_macros=[("WAVECLIP_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             **kwargs,
         )
     else:

@@ -35,3 +35,34 @@ def unavailable_reason(op: str, impl: str) -> str | None:
     if impl == "cuda" and not ext.has_cuda():
         return "the extension was built without CUDA"
     return None
+
+
+def _ext():
+    ext = load()
+    if isinstance(ext, ImportError):
+        raise RuntimeError(f"the C++ extension is not built ({ext})")
+    return ext
+
+
+def wavelet_tokenize(images, levels: int, grid: tuple[int, int], color: str, out_dtype) -> list:
+    """Fused tokenizer (CPU OpenMP or CUDA, by the images' device).
+
+    Args:
+        images: (B, 3, H, W) float tensor, any strides.
+        levels, grid, color, out_dtype: as in `waveclip_kernels.wavelet_tokenize`.
+
+    Returns:
+        L+1 contiguous tensors (B, Gh*Gw, dim_s), coarse to fine.
+    """
+    return _ext().wavelet_tokenize(images, levels, grid[0], grid[1], color, out_dtype)
+
+
+def wavelet_detokenize(tokens: list, levels: int, grid: tuple[int, int], color: str, image_size: tuple[int, int]):
+    """Inverse of `wavelet_tokenize`: L+1 token tensors -> contiguous (B, 3, H, W) in their dtype."""
+    return _ext().wavelet_detokenize(list(tokens), levels, grid[0], grid[1], color, image_size[0], image_size[1])
+
+
+def attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale: float):
+    """Writes k_new/v_new (B, H, n, D) into the caches at [c, c+n) of each row (in place), then
+    attends q to each row's prefix with ATen's SDPA on views of the caches. Returns (B, H, n, D)."""
+    return _ext().attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)

@@ -1,0 +1,1 @@
+"""Microbenchmarks and end-to-end benchmarks; run with `python -m bench.<module>` from the repository root."""

@@ -1,0 +1,261 @@
+// Host side of the extension: argument validation, routing to the CPU or CUDA kernels, attention
+// over the cache prefixes through ATen, and the Python module.
+//
+// Every check runs before anything is allocated or written, so bad input from Python is a Python
+// exception (ValueError / TypeError / RuntimeError), never a crash.
+#include "waveclip.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <pybind11/stl.h>
+
+#include <set>
+
+namespace waveclip {
+
+void color_matrix(bool ycbcr, bool inverse, double m[3][3]) {
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) m[i][k] = ycbcr ? kYCbCrFromRGB[i][k] : double(i == k);
+  if (!ycbcr || !inverse) return;
+  // Inverse by the adjugate, in float64.
+  const double(&a)[3][3] = kYCbCrFromRGB;
+  const double det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) -
+                     a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0]) +
+                     a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+  for (int i = 0; i < 3; ++i) {
+    for (int k = 0; k < 3; ++k) {
+      // Cofactor of a[k][i] (transposed) over the determinant.
+      const int r0 = (k + 1) % 3, r1 = (k + 2) % 3, c0 = (i + 1) % 3, c1 = (i + 2) % 3;
+      m[i][k] = (a[r0][c0] * a[r1][c1] - a[r0][c1] * a[r1][c0]) / det;
+    }
+  }
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+namespace {
+
+bool check_common(const char* op, int64_t levels, int64_t grid_h, int64_t grid_w, const std::string& color,
+                  int64_t height, int64_t width) {
+  TORCH_CHECK_VALUE(levels >= 1 && levels <= 30, op, ": levels must be in [1, 30], got ", levels);
+  TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1, op, ": grid must be positive, got (", grid_h, ", ", grid_w, ")");
+  TORCH_CHECK_VALUE(color == "ycbcr" || color == "rgb", op, ": color must be \"ycbcr\" or \"rgb\", got \"", color,
+                    "\"");
+  const char* names[2] = {"height", "width"};
+  const int64_t sizes[2] = {height, width}, grid[2] = {grid_h, grid_w};
+  for (int a = 0; a < 2; ++a) {
+    const bool fits = sizes[a] > 0 && grid[a] <= sizes[a] && sizes[a] % (grid[a] << levels) == 0;
+    TORCH_CHECK_VALUE(fits, op, ": image ", names[a], " ", sizes[a], " must be a positive multiple of 2**levels * grid",
+                      " = 2**", levels, " * ", grid[a]);
+  }
+  return color == "ycbcr";
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name,
+                    " must be a CPU or CUDA tensor, got device ", t.device());
+#ifndef WAVECLIP_WITH_CUDA
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is a CUDA tensor but the extension was built without CUDA");
+#endif
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t, int64_t ndim, const char* shape) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), op, ": ", name,
+                   " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  check_device(op, name, t);
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+                   ref_name, " has ", ref.scalar_type());
+}
+
+// An index tensor (cache_lens, batch_index) of shape (B,) read to the host as int64.
+std::vector<int64_t> host_index(const char* name, const at::Tensor& t, int64_t batch, const at::Tensor& q) {
+  constexpr const char* op = "attention_with_kv_append";
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                   " must hold int32 or int64 values, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, op, ": ", name, " must have shape (", batch, ",), got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+  const at::Tensor h = t.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = h.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + batch);
+}
+
+}  // namespace
+
+bool check_tokenize(const at::Tensor& images, int64_t levels, int64_t grid_h, int64_t grid_w, const std::string& color,
+                    at::ScalarType out_dtype) {
+  constexpr const char* op = "wavelet_tokenize";
+  check_float(op, "images", images, 4, "(B, 3, H, W)");
+  TORCH_CHECK_VALUE(images.size(1) == 3, op, ": images must have 3 channels (B, 3, H, W), got ", images.sizes());
+  TORCH_CHECK_TYPE(is_float_type(out_dtype), op, ": out_dtype must be float16, bfloat16, float32 or float64, got ",
+                   out_dtype);
+  return check_common(op, levels, grid_h, grid_w, color, images.size(2), images.size(3));
+}
+
+bool check_detokenize(const std::vector<at::Tensor>& tokens, int64_t levels, int64_t grid_h, int64_t grid_w,
+                      const std::string& color, int64_t height, int64_t width) {
+  constexpr const char* op = "wavelet_detokenize";
+  const bool ycbcr = check_common(op, levels, grid_h, grid_w, color, height, width);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(tokens.size()) == levels + 1, op, ": tokens must hold levels + 1 = ",
+                    levels + 1, " tensors, got ", tokens.size());
+  const Geometry g(0, height, width, levels, grid_h, grid_w);
+  for (int64_t s = 0; s <= levels; ++s) {
+    const std::string name = "tokens[" + std::to_string(s) + "]";
+    check_float(op, name.c_str(), tokens[s], 3, "(B, Gh*Gw, dim)");
+    check_same(op, name.c_str(), tokens[s], "tokens[0]", tokens[0]);
+    const bool ok = tokens[s].size(0) == tokens[0].size(0) && tokens[s].size(1) == g.cells() &&
+                    tokens[s].size(2) == g.dim(s);
+    TORCH_CHECK_VALUE(ok, op, ": ", name, " must have shape (", tokens[0].size(0), ", ", g.cells(), ", ", g.dim(s),
+                      ") for image size (", height, ", ", width, "), got ", tokens[s].sizes());
+  }
+  return ycbcr;
+}
+
+AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                           const std::optional<at::Tensor>& batch_index) {
+  constexpr const char* op = "attention_with_kv_append";
+  check_float(op, "q", q, 4, "(B, H, n, D)");
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"k_new", &k_new}, {"v_new", &v_new}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
+  for (const auto& [name, t] : others) {
+    check_float(op, name, *t, 4, name[2] == 'n' ? "(B, H, n, D)" : "(B_cache, H, N_max, D)");
+    check_same(op, name, *t, "q", q);
+  }
+  TORCH_CHECK_VALUE(k_new.sizes() == q.sizes() && v_new.sizes() == q.sizes(), op, ": k_new ", k_new.sizes(),
+                    " and v_new ", v_new.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), op, ": k_cache ", k_cache.sizes(), " and v_cache ",
+                    v_cache.sizes(), " must have one shape");
+  TORCH_CHECK_VALUE(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), op, ": k_cache ", k_cache.sizes(),
+                    " must match q ", q.sizes(), " in heads (dim 1) and head dim (dim 3)");
+  const int64_t B = q.size(0), n = q.size(2), B_cache = k_cache.size(0), n_max = k_cache.size(2);
+
+  AppendPlan plan;
+  plan.lens = host_index("cache_lens", cache_lens, B, q);
+  if (batch_index.has_value()) {
+    plan.rows = host_index("batch_index", *batch_index, B, q);
+    std::set<int64_t> seen;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = plan.rows[b];
+      TORCH_CHECK_VALUE(r >= 0 && r < B_cache, op, ": batch_index[", b, "] = ", r, " must lie in [0, ", B_cache,
+                        ")");
+      TORCH_CHECK_VALUE(seen.insert(r).second, op, ": batch_index has the cache row ", r,
+                        " twice: two appends would race on one row");
+    }
+  } else {
+    TORCH_CHECK_VALUE(B <= B_cache, op, ": q has batch ", B, " but the caches hold ", B_cache,
+                      " rows; pass batch_index");
+    for (int64_t b = 0; b < B; ++b) plan.rows.push_back(b);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = plan.lens[b];
+    TORCH_CHECK_VALUE(c >= 0 && c <= n_max - n, op, ": cache overflow: row ", b, " (cache row ", plan.rows[b],
+                      ") has cache_lens=", c, ", appending ", n, " needs ", c, " + ", n, " slots but N_max=", n_max);
+  }
+  return plan;
+}
+
+namespace {
+
+// Attention of q to each row's prefix [0, c+n) of the (already written) caches, through ATen's SDPA
+// on views of the caches: one call when every row has the same length and the rows are consecutive,
+// else one call per row.
+at::Tensor attend_prefixes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const AppendPlan& plan, double scale) {
+  const int64_t B = q.size(0), n = q.size(2);
+  if (B == 0 || n == 0) return at::empty(q.sizes(), q.options());
+  bool uniform = true;
+  for (int64_t b = 0; b < B; ++b) uniform = uniform && plan.lens[b] == plan.lens[0] && plan.rows[b] == plan.rows[0] + b;
+  if (uniform) {
+    const int64_t len = plan.lens[0] + n;
+    const at::Tensor k = k_cache.narrow(0, plan.rows[0], B).narrow(2, 0, len);
+    const at::Tensor v = v_cache.narrow(0, plan.rows[0], B).narrow(2, 0, len);
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale).contiguous();
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = plan.lens[b] + n;
+    const at::Tensor k = k_cache.narrow(0, plan.rows[b], 1).narrow(2, 0, len);
+    const at::Tensor v = v_cache.narrow(0, plan.rows[b], 1).narrow(2, 0, len);
+    out.narrow(0, b, 1).copy_(at::scaled_dot_product_attention(q.narrow(0, b, 1), k, v, {}, 0.0, false, scale));
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------ Python entry points
+
+// images: (B, 3, H, W) -> L+1 tensors (B, Gh*Gw, dim_s) of out_dtype, coarse to fine.
+std::vector<at::Tensor> wavelet_tokenize(const at::Tensor& images, int64_t levels, int64_t grid_h, int64_t grid_w,
+                                         const std::string& color, at::ScalarType out_dtype) {
+  const bool ycbcr = check_tokenize(images, levels, grid_h, grid_w, color, out_dtype);
+  const Geometry g(images.size(0), images.size(2), images.size(3), levels, grid_h, grid_w);
+#ifdef WAVECLIP_WITH_CUDA
+  if (images.is_cuda()) return wavelet_tokenize_cuda(images, g, ycbcr, out_dtype);
+#endif
+  return wavelet_tokenize_cpu(images, g, ycbcr, out_dtype);
+}
+
+// tokens: L+1 tensors (B, Gh*Gw, dim_s), coarse to fine -> (B, 3, H, W) in the tokens' dtype.
+at::Tensor wavelet_detokenize(const std::vector<at::Tensor>& tokens, int64_t levels, int64_t grid_h, int64_t grid_w,
+                              const std::string& color, int64_t height, int64_t width) {
+  const bool ycbcr = check_detokenize(tokens, levels, grid_h, grid_w, color, height, width);
+  const Geometry g(tokens[0].size(0), height, width, levels, grid_h, grid_w);
+#ifdef WAVECLIP_WITH_CUDA
+  if (tokens[0].is_cuda()) return wavelet_detokenize_cuda(tokens, g, ycbcr);
+#endif
+  return wavelet_detokenize_cpu(tokens, g, ycbcr);
+}
+
+// q, k_new, v_new: (B, H, n, D); k_cache, v_cache: (B_cache, H, N_max, D), written in place at
+// [cache_lens[b], cache_lens[b] + n) of row batch_index[b] (default b) -> (B, H, n, D).
+at::Tensor attention_with_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                    const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& batch_index,
+                                    double scale) {
+  const AppendPlan plan = check_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index);
+#ifdef WAVECLIP_WITH_CUDA
+  if (q.is_cuda()) {
+    kv_scatter_cuda(k_new, v_new, k_cache, v_cache, plan);
+    return attend_prefixes(q, k_cache, v_cache, plan, scale);
+  }
+#endif
+  kv_scatter_cpu(k_new, v_new, k_cache, v_cache, plan);
+  return attend_prefixes(q, k_cache, v_cache, plan, scale);
+}
+
+bool has_cuda() {
+#ifdef WAVECLIP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace waveclip
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "waveclip CPU (OpenMP) and CUDA kernels: wavelet tokenizer, its inverse, attention with KV append";
+  m.def("wavelet_tokenize", &waveclip::wavelet_tokenize, release(), py::arg("images"), py::arg("levels"),
+        py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("out_dtype"));
+  m.def("wavelet_detokenize", &waveclip::wavelet_detokenize, release(), py::arg("tokens"), py::arg("levels"),
+        py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("height"), py::arg("width"));
+  m.def("attention_with_kv_append", &waveclip::attention_with_kv_append, release(), py::arg("q"), py::arg("k_new"),
+        py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("batch_index"),
+        py::arg("scale"));
+  m.def("has_cuda", &waveclip::has_cuda, "Whether this build includes the CUDA kernels.");
+}

@@ -1,0 +1,372 @@
+// CPU kernels (OpenMP): the fused wavelet tokenizer, its inverse, and the KV-cache append scatter.
+//
+// Tokenizer: one pass over the image. The unit of work is one (image, grid cell) tile, whose Haar
+// pyramid is self-contained: the tile is read once (colour transform on the way in), every level is
+// computed in a thread-local scratch that stays in cache, and each stage's token for the cell is
+// written once. A cell's token of stage s is one contiguous run of 9*Ph*Pw features laid out
+// (channel, band, py, px), which is exactly the layout a level produces, so when the token dtype is
+// the compute dtype the level writes straight into the output. The arithmetic of every element is
+// fixed by the tile alone: results do not depend on the number of threads.
+#include "waveclip.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <omp.h>
+
+#include <cstring>
+#include <type_traits>
+
+namespace waveclip {
+namespace {
+
+// Compute type: float64 stays float64, every other float type is computed in float32.
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// One channel-mixed row: out_c[j] = sum_k m[c][k] * in_k[j] for the three input rows of one pixel
+// row (strided by `stride` elements; UNIT means stride 1, so the compiler sees a unit-stride loop).
+template <bool UNIT, typename in_t, typename acc_t>
+inline void color_row(const in_t* __restrict r, const in_t* __restrict g, const in_t* __restrict b, int64_t stride,
+                      int64_t n, const acc_t (&m)[3][3], bool mix, acc_t* __restrict o0, acc_t* __restrict o1,
+                      acc_t* __restrict o2) {
+  if (mix) {
+    const acc_t m00 = m[0][0], m01 = m[0][1], m02 = m[0][2], m10 = m[1][0], m11 = m[1][1], m12 = m[1][2];
+    const acc_t m20 = m[2][0], m21 = m[2][1], m22 = m[2][2];
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t at = UNIT ? j : j * stride;
+      const acc_t x0 = static_cast<acc_t>(r[at]), x1 = static_cast<acc_t>(g[at]), x2 = static_cast<acc_t>(b[at]);
+      o0[j] = (m00 * x0 + m01 * x1) + m02 * x2;
+      o1[j] = (m10 * x0 + m11 * x1) + m12 * x2;
+      o2[j] = (m20 * x0 + m21 * x1) + m22 * x2;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t at = UNIT ? j : j * stride;
+      o0[j] = static_cast<acc_t>(r[at]);
+      o1[j] = static_cast<acc_t>(g[at]);
+      o2[j] = static_cast<acc_t>(b[at]);
+    }
+  }
+}
+
+// One analysis level on a tile: src (3, h, w) with row stride `stride` (channel planes h*stride
+// apart) -> approximation A (3, h/2, w/2) and the detail bands (3 channels x [H, V, D], h/2, w/2).
+// Same operation order as the reference, so bit-identical to it.
+template <typename acc_t>
+void haar_level(const acc_t* __restrict src, int64_t h, int64_t w, int64_t stride, acc_t* __restrict approx,
+                acc_t* __restrict bands) {
+  const int64_t h2 = h / 2, w2 = w / 2, n2 = h2 * w2;
+  const acc_t half = acc_t(0.5);
+  for (int64_t c = 0; c < 3; ++c) {
+    for (int64_t i = 0; i < h2; ++i) {
+      const acc_t* r0 = src + (c * h + 2 * i) * stride;
+      const acc_t* r1 = r0 + stride;
+      acc_t* a = approx + c * n2 + i * w2;
+      acc_t* hb = bands + 3 * c * n2 + i * w2;
+      acc_t* vb = hb + n2;
+      acc_t* db = vb + n2;
+      for (int64_t j = 0; j < w2; ++j) {
+        const acc_t p = r0[2 * j], q = r0[2 * j + 1], r = r1[2 * j], s = r1[2 * j + 1];
+        const acc_t sum = p + q, dif = p - q;
+        a[j] = ((sum + r) + s) * half;
+        hb[j] = ((sum - r) - s) * half;
+        vb[j] = ((dif + r) - s) * half;
+        db[j] = ((dif - r) + s) * half;
+      }
+    }
+  }
+}
+
+// One synthesis level, the exact inverse of haar_level: A (3, h2, w2) and bands -> dst (3, 2*h2, 2*w2)
+// with row stride `stride` (channel planes 2*h2*stride apart).
+template <typename acc_t>
+void haar_synth(const acc_t* __restrict approx, const acc_t* __restrict bands, int64_t h2, int64_t w2, int64_t stride,
+                acc_t* __restrict dst) {
+  const int64_t n2 = h2 * w2;
+  const acc_t half = acc_t(0.5);
+  for (int64_t c = 0; c < 3; ++c) {
+    for (int64_t i = 0; i < h2; ++i) {
+      const acc_t* a = approx + c * n2 + i * w2;
+      const acc_t* hb = bands + 3 * c * n2 + i * w2;
+      const acc_t* vb = hb + n2;
+      const acc_t* db = vb + n2;
+      acc_t* o0 = dst + (c * 2 * h2 + 2 * i) * stride;
+      acc_t* o1 = o0 + stride;
+      for (int64_t j = 0; j < w2; ++j) {
+        const acc_t sum = a[j] + hb[j], dif = a[j] - hb[j];
+        o0[2 * j] = ((sum + vb[j]) + db[j]) * half;
+        o0[2 * j + 1] = ((sum - vb[j]) - db[j]) * half;
+        o1[2 * j] = ((dif + vb[j]) - db[j]) * half;
+        o1[2 * j + 1] = ((dif - vb[j]) + db[j]) * half;
+      }
+    }
+  }
+}
+
+// dst[j] = out_t(src[j]) for a contiguous run (rounding as torch's .to()).
+template <typename acc_t, typename out_t>
+void convert_run(const acc_t* __restrict src, void* dst, int64_t n) {
+  out_t* __restrict o = static_cast<out_t*>(dst);
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>(src[j]);
+}
+
+template <typename acc_t>
+using ConvertFn = void (*)(const acc_t*, void*, int64_t);
+
+template <typename acc_t>
+ConvertFn<acc_t> converter(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return convert_run<acc_t, c10::Half>;
+    case at::kBFloat16:
+      return convert_run<acc_t, c10::BFloat16>;
+    case at::kFloat:
+      return convert_run<acc_t, float>;
+    default:
+      return convert_run<acc_t, double>;
+  }
+}
+
+// dst[j] = acc_t(src[j * stride]) (tokens may be strided).
+template <typename in_t, typename acc_t>
+void load_run(const in_t* __restrict src, int64_t stride, int64_t n, acc_t* __restrict dst) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * stride]);
+  }
+}
+
+// Runs body(work_item, thread_id) for work items [0, n) on at::get_num_threads() OpenMP threads,
+// statically partitioned. Bodies never throw.
+template <typename F>
+void parallel_items(int64_t n, int nthreads, const F& body) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1 && nthreads > 1)
+  for (int64_t item = 0; item < n; ++item) body(item, omp_get_thread_num());
+}
+
+template <typename in_t>
+void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std::vector<at::Tensor>& out) {
+  using acc_t = acc_of<in_t>;
+  const int64_t L = g.levels, ch = g.cell_h(), cw = g.cell_w(), W = g.width, G = g.cells();
+  const int64_t sB = images.stride(0), sC = images.stride(1), sH = images.stride(2), sW = images.stride(3);
+  const in_t* x = images.const_data_ptr<in_t>();  // (B, 3, H, W), strides (sB, sC, sH, sW)
+
+  double md[3][3];
+  color_matrix(ycbcr, false, md);
+  acc_t m[3][3];
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) m[i][k] = static_cast<acc_t>(md[i][k]);
+
+  const at::ScalarType out_type = out[0].scalar_type();
+  const bool direct = out_type == c10::CppTypeToScalarType<acc_t>::value;
+  const ConvertFn<acc_t> store = converter<acc_t>(out_type);
+  const int64_t out_size = out[0].element_size();
+  std::vector<char*> dst(L + 1);  // stage s: (B, G, dim_s) contiguous
+  std::vector<int64_t> row_bytes(L + 1);
+  for (int64_t s = 0; s <= L; ++s) {
+    dst[s] = static_cast<char*>(out[s].data_ptr());
+    row_bytes[s] = g.dim(s) * out_size;
+  }
+
+  // Per-thread scratch: one grid row of the colour-mixed image (3, ch, W), read row by row, two
+  // ping-pong approximations of one cell (3, ch/2, cw/2) each and one stage's bands (9, ch/2, cw/2).
+  const int64_t band = 3 * ch * W, quarter = 3 * (ch / 2) * (cw / 2), per_thread = band + 5 * quarter;
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> scratch(per_thread * nthreads);
+
+  parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
+    const int64_t b = item / g.grid_h, gy = item % g.grid_h;
+    acc_t* rows = scratch.data() + thread * per_thread;  // (3, ch, W)
+    acc_t* ping[2] = {rows + band, rows + band + quarter};
+    acc_t* bands = rows + band + 2 * quarter;  // (9, ch/2, cw/2)
+    for (int64_t y = 0; y < ch; ++y) {
+      const in_t* r = x + b * sB + (gy * ch + y) * sH;
+      acc_t* o = rows + y * W;
+      if (sW == 1)
+        color_row<true>(r, r + sC, r + 2 * sC, 1, W, m, ycbcr, o, o + ch * W, o + 2 * ch * W);
+      else
+        color_row<false>(r, r + sC, r + 2 * sC, sW, W, m, ycbcr, o, o + ch * W, o + 2 * ch * W);
+    }
+    for (int64_t gx = 0; gx < g.grid_w; ++gx) {
+      const int64_t cell = b * G + gy * g.grid_w + gx;
+      // Level lv's bands are stage L-lv+1's token of this cell; its A feeds level lv+1.
+      const acc_t* src = rows + gx * cw;
+      int64_t h = ch, w = cw, stride = W;
+      for (int64_t lv = 1; lv <= L; ++lv) {
+        const int64_t s = L - lv + 1;
+        char* token = dst[s] + cell * row_bytes[s];
+        acc_t* approx = ping[(lv - 1) % 2];
+        if (lv == L && direct) approx = reinterpret_cast<acc_t*>(dst[0] + cell * row_bytes[0]);
+        haar_level(src, h, w, stride, approx, direct ? reinterpret_cast<acc_t*>(token) : bands);
+        if (!direct) store(bands, token, 9 * (h / 2) * (w / 2));
+        src = approx;
+        h /= 2;
+        w /= 2;
+        stride = w;
+      }
+      if (!direct) store(src, dst[0] + cell * row_bytes[0], g.dim(0));
+    }
+  });
+}
+
+template <typename tok_t>
+void detokenize_typed(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr, at::Tensor& image) {
+  using acc_t = acc_of<tok_t>;
+  const int64_t L = g.levels, ch = g.cell_h(), cw = g.cell_w(), H = g.height, W = g.width;
+
+  double md[3][3];
+  color_matrix(ycbcr, true, md);
+  acc_t m[3][3];
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) m[i][k] = static_cast<acc_t>(md[i][k]);
+
+  std::vector<const tok_t*> src(L + 1);  // stage s: (B, G, dim_s), strides (sb[s], sg[s], sf[s])
+  std::vector<int64_t> sb(L + 1), sg(L + 1), sf(L + 1);
+  for (int64_t s = 0; s <= L; ++s) {
+    src[s] = tokens[s].const_data_ptr<tok_t>();
+    sb[s] = tokens[s].stride(0);
+    sg[s] = tokens[s].stride(1);
+    sf[s] = tokens[s].stride(2);
+  }
+  tok_t* out = image.data_ptr<tok_t>();  // (B, 3, H, W) contiguous
+
+  // Per-thread scratch: one grid row of the rebuilt image (3, ch, W), two ping-pong approximations
+  // of one cell (3, ch/2, cw/2) each, and one stage's bands (9, ch/2, cw/2).
+  const int64_t band = 3 * ch * W, quarter = 3 * (ch / 2) * (cw / 2), per_thread = band + 5 * quarter;
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> scratch(per_thread * nthreads);
+
+  parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
+    const int64_t b = item / g.grid_h, gy = item % g.grid_h;
+    acc_t* rows = scratch.data() + thread * per_thread;  // (3, ch, W)
+    acc_t* ping[2] = {rows + band, rows + band + quarter};
+    acc_t* bands = rows + band + 2 * quarter;  // (9, ch/2, cw/2)
+    for (int64_t gx = 0; gx < g.grid_w; ++gx) {
+      const int64_t cell = gy * g.grid_w + gx;
+      acc_t* approx = ping[L % 2];
+      load_run(src[0] + b * sb[0] + cell * sg[0], sf[0], g.dim(0), approx);
+      int64_t h2 = g.ph0, w2 = g.pw0;
+      // Level lv rebuilds the level lv-1 approximation; level 1 writes the cell into the row buffer.
+      for (int64_t lv = L; lv >= 1; --lv) {
+        const int64_t s = L - lv + 1;
+        load_run(src[s] + b * sb[s] + cell * sg[s], sf[s], g.dim(s), bands);
+        acc_t* next = lv == 1 ? rows + gx * cw : ping[(lv - 1) % 2];
+        haar_synth(approx, bands, h2, w2, lv == 1 ? W : 2 * w2, next);
+        approx = next;
+        h2 *= 2;
+        w2 *= 2;
+      }
+    }
+    const int64_t plane = ch * W;
+    for (int64_t y = 0; y < ch; ++y) {
+      const acc_t* __restrict c0 = rows + y * W;
+      const acc_t* __restrict c1 = c0 + plane;
+      const acc_t* __restrict c2 = c1 + plane;
+      tok_t* __restrict o0 = out + b * 3 * H * W + (gy * ch + y) * W;
+      tok_t* __restrict o1 = o0 + H * W;
+      tok_t* __restrict o2 = o1 + H * W;
+      if (ycbcr) {
+        const acc_t m00 = m[0][0], m01 = m[0][1], m02 = m[0][2], m10 = m[1][0], m11 = m[1][1], m12 = m[1][2];
+        const acc_t m20 = m[2][0], m21 = m[2][1], m22 = m[2][2];
+        for (int64_t j = 0; j < W; ++j) {
+          o0[j] = static_cast<tok_t>((m00 * c0[j] + m01 * c1[j]) + m02 * c2[j]);
+          o1[j] = static_cast<tok_t>((m10 * c0[j] + m11 * c1[j]) + m12 * c2[j]);
+          o2[j] = static_cast<tok_t>((m20 * c0[j] + m21 * c1[j]) + m22 * c2[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < W; ++j) {
+          o0[j] = static_cast<tok_t>(c0[j]);
+          o1[j] = static_cast<tok_t>(c1[j]);
+          o2[j] = static_cast<tok_t>(c2[j]);
+        }
+      }
+    }
+  });
+}
+
+// Copies one (b, h, t) row of D elements of `word` bytes each between strided tensors.
+template <typename word>
+inline void copy_strided(const char* src, int64_t s_stride, char* dst, int64_t d_stride, int64_t n) {
+  const word* s = reinterpret_cast<const word*>(src);
+  word* d = reinterpret_cast<word*>(dst);
+  for (int64_t j = 0; j < n; ++j) d[j * d_stride] = s[j * s_stride];
+}
+
+void scatter_one(const at::Tensor& src, const at::Tensor& dst, const AppendPlan& plan) {
+  const int64_t H = src.size(1), n = src.size(2), D = src.size(3), es = src.element_size();
+  const char* s = static_cast<const char*>(src.const_data_ptr());  // (B, H, n, D)
+  char* d = static_cast<char*>(dst.data_ptr());                     // (B_cache, H, N_max, D)
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  const int64_t d0 = dst.stride(0), d1 = dst.stride(1), d2 = dst.stride(2), d3 = dst.stride(3);
+  const bool rows_contiguous = s3 == 1 && d3 == 1;
+  parallel_items(src.size(0) * H * n, at::get_num_threads(), [&](int64_t item, int) {
+    const int64_t t = item % n, h = (item / n) % H, b = item / (n * H);
+    const char* from = s + (b * s0 + h * s1 + t * s2) * es;
+    char* to = d + (plan.rows[b] * d0 + h * d1 + (plan.lens[b] + t) * d2) * es;
+    if (rows_contiguous) {
+      std::memcpy(to, from, D * es);
+    } else if (es == 2) {
+      copy_strided<uint16_t>(from, s3, to, d3, D);
+    } else if (es == 4) {
+      copy_strided<uint32_t>(from, s3, to, d3, D);
+    } else {
+      copy_strided<uint64_t>(from, s3, to, d3, D);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geometry& g, bool ycbcr,
+                                             at::ScalarType out_dtype) {
+  std::vector<at::Tensor> out;
+  for (int64_t s = 0; s <= g.levels; ++s)
+    out.push_back(at::empty({g.batch, g.cells(), g.dim(s)}, images.options().dtype(out_dtype)));
+  if (g.batch == 0) return out;
+  switch (images.scalar_type()) {
+    case at::kHalf:
+      tokenize_typed<c10::Half>(images, g, ycbcr, out);
+      break;
+    case at::kBFloat16:
+      tokenize_typed<c10::BFloat16>(images, g, ycbcr, out);
+      break;
+    case at::kFloat:
+      tokenize_typed<float>(images, g, ycbcr, out);
+      break;
+    default:
+      tokenize_typed<double>(images, g, ycbcr, out);
+  }
+  return out;
+}
+
+at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr) {
+  at::Tensor image = at::empty({g.batch, 3, g.height, g.width}, tokens[0].options());
+  if (g.batch == 0) return image;
+  switch (tokens[0].scalar_type()) {
+    case at::kHalf:
+      detokenize_typed<c10::Half>(tokens, g, ycbcr, image);
+      break;
+    case at::kBFloat16:
+      detokenize_typed<c10::BFloat16>(tokens, g, ycbcr, image);
+      break;
+    case at::kFloat:
+      detokenize_typed<float>(tokens, g, ycbcr, image);
+      break;
+    default:
+      detokenize_typed<double>(tokens, g, ycbcr, image);
+  }
+  return image;
+}
+
+void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const AppendPlan& plan) {
+  if (k_new.numel() == 0) return;
+  scatter_one(k_new, k_cache, plan);
+  scatter_one(v_new, v_cache, plan);
+}
+
+}  // namespace waveclip

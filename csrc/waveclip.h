@@ -1,0 +1,92 @@
+// Shared declarations of the waveclip extension: stage geometry, colour matrices, host-side
+// validation and the entry points of the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace waveclip {
+
+// BT.601 luma/chroma matrix without offsets (rows give Y, Cb, Cr from R, G, B).
+constexpr double kYCbCrFromRGB[3][3] = {
+    {0.299, 0.587, 0.114},
+    {-0.168736, -0.331264, 0.5},
+    {0.5, -0.418688, -0.081312},
+};
+
+// The 3x3 colour matrix to apply (identity for "rgb"), its inverse when `inverse`.
+void color_matrix(bool ycbcr, bool inverse, double m[3][3]);
+
+// Where every stage's tokens come from. One grid cell of the image is (ph0 << levels) x (pw0 << levels)
+// pixels; its pyramid is self-contained, so a cell is the natural unit of work.
+struct Geometry {
+  int64_t batch, height, width, levels, grid_h, grid_w;
+  int64_t ph0, pw0;  // stage-0 patch (A_L pixels per cell)
+
+  Geometry(int64_t B, int64_t H, int64_t W, int64_t L, int64_t gh, int64_t gw)
+      : batch(B), height(H), width(W), levels(L), grid_h(gh), grid_w(gw), ph0((H >> L) / gh), pw0((W >> L) / gw) {}
+  int64_t cells() const { return grid_h * grid_w; }
+  int64_t cell_h() const { return ph0 << levels; }
+  int64_t cell_w() const { return pw0 << levels; }
+  // Stage s >= 1 holds the detail bands of level L-s+1, whose patches are (ph0, pw0) << (s-1).
+  int64_t patch_h(int64_t s) const { return s == 0 ? ph0 : ph0 << (s - 1); }
+  int64_t patch_w(int64_t s) const { return s == 0 ? pw0 : pw0 << (s - 1); }
+  int64_t channels(int64_t s) const { return s == 0 ? 3 : 9; }
+  int64_t dim(int64_t s) const { return channels(s) * patch_h(s) * patch_w(s); }
+};
+
+// ------------------------------------------------------------------------------ validation
+
+// True for float16, bfloat16, float32 and float64.
+bool is_float_type(at::ScalarType t);
+
+// Checks every tokenizer argument; returns whether the colour is "ycbcr".
+bool check_tokenize(const at::Tensor& images, int64_t levels, int64_t grid_h, int64_t grid_w,
+                    const std::string& color, at::ScalarType out_dtype);
+
+// Checks every detokenizer argument; returns whether the colour is "ycbcr".
+bool check_detokenize(const std::vector<at::Tensor>& tokens, int64_t levels, int64_t grid_h, int64_t grid_w,
+                      const std::string& color, int64_t height, int64_t width);
+
+// Filled length and cache row of every query row, read to the host after validation.
+struct AppendPlan {
+  std::vector<int64_t> lens;
+  std::vector<int64_t> rows;
+};
+
+// Checks every argument of attention_with_kv_append (shapes, dtypes, devices, overflow, duplicate
+// rows) before anything is written.
+AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                           const std::optional<at::Tensor>& batch_index);
+
+// ------------------------------------------------------------------------------ CPU kernels
+
+// images: (B, 3, H, W) any strides -> L+1 contiguous (B, Gh*Gw, dim_s) tensors of out_dtype.
+std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geometry& g, bool ycbcr,
+                                             at::ScalarType out_dtype);
+
+// tokens: L+1 (B, Gh*Gw, dim_s) tensors, any strides -> contiguous (B, 3, H, W) of their dtype.
+at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr);
+
+// Copies k_new/v_new (B, H, n, D) into k_cache/v_cache (B_cache, H, N_max, D) at [lens[b], lens[b]+n)
+// of row rows[b].
+void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const AppendPlan& plan);
+
+#ifdef WAVECLIP_WITH_CUDA
+// ------------------------------------------------------------------------------ CUDA kernels
+// Same contracts as the CPU entry points, for CUDA tensors.
+std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Geometry& g, bool ycbcr,
+                                              at::ScalarType out_dtype);
+at::Tensor wavelet_detokenize_cuda(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr);
+void kv_scatter_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const AppendPlan& plan);
+#endif
+
+}  // namespace waveclip
