@@ -237,7 +237,7 @@ def format_table(rows: Iterable[dict], columns: list[str]) -> str:
 def plot_cases(
     path: str | pathlib.Path, rows: list[dict], title: str, value: str = "ms", case: str = "case"
 ) -> pathlib.Path | None:
-    """One horizontal bar panel per case (shape), a bar per provider that ran; None if nothing ran."""
+    """One horizontal bar panel per case (shape), a bar per provider that ran (ours in orange); None if none ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +253,8 @@ def plot_cases(
         sub = [r for r in ran if r[case] == c]
         labels = [f"{r['provider']} [{r['backend']}]" for r in sub]
         values = [float(r[value]) for r in sub]
-        ax.barh(range(len(sub)), values, color="tab:blue")
+        colors = ["tab:orange" if r["provider"].startswith("waveclip") else "tab:blue" for r in sub]
+        ax.barh(range(len(sub)), values, color=colors)
         ax.set_yticks(range(len(sub)), labels, fontsize=8)
         ax.invert_yaxis()
         if max(values) > 50 * min(values):

@@ -6,12 +6,20 @@
 #include "waveclip.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_scaled_dot_product_attention_math.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <pybind11/stl.h>
 
 #include <set>
+
+#ifdef WAVECLIP_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda_kernels.h"
+#endif
 
 namespace waveclip {
 
@@ -169,9 +177,17 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
 
 namespace {
 
-// Attention of q to each row's prefix [0, c+n) of the (already written) caches, through ATen's SDPA
-// on views of the caches: one call when every row has the same length and the rows are consecutive,
-// else one call per row.
+// softmax(q k^T * scale) v for one group of rows. On the CPU this is ATen's matmul + softmax
+// composition (SDPA's math path), whose arithmetic per element does not depend on the number of
+// threads (the CPU flash kernel's blocking does); on CUDA it is SDPA's fastest backend.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (q.is_cpu()) return std::get<0>(at::_scaled_dot_product_attention_math(q, k, v, {}, 0.0, false, {}, scale));
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
+}
+
+// Attention of q to each row's prefix [0, c+n) of the (already written) caches, on views of the
+// caches (nothing is copied): one call when every row has the same length and the rows are
+// consecutive, else one call per row.
 at::Tensor attend_prefixes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const AppendPlan& plan, double scale) {
   const int64_t B = q.size(0), n = q.size(2);
@@ -182,17 +198,125 @@ at::Tensor attend_prefixes(const at::Tensor& q, const at::Tensor& k_cache, const
     const int64_t len = plan.lens[0] + n;
     const at::Tensor k = k_cache.narrow(0, plan.rows[0], B).narrow(2, 0, len);
     const at::Tensor v = v_cache.narrow(0, plan.rows[0], B).narrow(2, 0, len);
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale).contiguous();
+    return attend(q, k, v, scale).contiguous();
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = plan.lens[b] + n;
     const at::Tensor k = k_cache.narrow(0, plan.rows[b], 1).narrow(2, 0, len);
     const at::Tensor v = v_cache.narrow(0, plan.rows[b], 1).narrow(2, 0, len);
-    out.narrow(0, b, 1).copy_(at::scaled_dot_product_attention(q.narrow(0, b, 1), k, v, {}, 0.0, false, scale));
+    out.narrow(0, b, 1).copy_(attend(q.narrow(0, b, 1), k, v, scale));
   }
   return out;
 }
+
+#ifdef WAVECLIP_WITH_CUDA
+// ------------------------------------------------------------------------------ CUDA glue
+
+cuda::Dtype cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::Dtype::kHalf;
+    case at::kBFloat16:
+      return cuda::Dtype::kBFloat16;
+    case at::kFloat:
+      return cuda::Dtype::kFloat;
+    default:
+      return cuda::Dtype::kDouble;
+  }
+}
+
+void check_cuda_levels(const char* op, int64_t levels) {
+  TORCH_CHECK_VALUE(levels + 1 <= cuda::kMaxStages, op, ": the CUDA kernels support at most ", cuda::kMaxStages - 1,
+                    " levels, got ", levels);
+}
+
+std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Geometry& g, bool ycbcr,
+                                              at::ScalarType out_dtype) {
+  check_cuda_levels("wavelet_tokenize", g.levels);
+  const c10::cuda::CUDAGuard guard(images.device());
+  const at::ScalarType in_type = images.scalar_type();
+  // The kernel writes the input dtype or the compute dtype; any other out_dtype is a cast of the latter.
+  const at::ScalarType acc_type = in_type == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType kernel_out = out_dtype == in_type ? in_type : acc_type;
+  std::vector<at::Tensor> out;
+  for (int64_t s = 0; s <= g.levels; ++s)
+    out.push_back(at::empty({g.batch, g.cells(), g.dim(s)}, images.options().dtype(kernel_out)));
+  if (g.batch > 0) {
+    cuda::TokenizeParams p{};
+    p.images = images.const_data_ptr();
+    p.s_b = images.stride(0);
+    p.s_c = images.stride(1);
+    p.s_h = images.stride(2);
+    p.s_w = images.stride(3);
+    for (int64_t s = 0; s <= g.levels; ++s) p.tokens[s] = out[s].data_ptr();
+    color_matrix(ycbcr, false, p.m);
+    p.grid_h = g.grid_h;
+    p.grid_w = g.grid_w;
+    p.ph0 = g.ph0;
+    p.pw0 = g.pw0;
+    p.levels = static_cast<int>(g.levels);
+    p.mix = ycbcr;
+    cuda::tokenize(p, cuda_dtype(in_type), cuda_dtype(kernel_out), g.batch, c10::cuda::getCurrentCUDAStream());
+  }
+  if (kernel_out != out_dtype)
+    for (auto& t : out) t = t.to(out_dtype);
+  return out;
+}
+
+at::Tensor wavelet_detokenize_cuda(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr) {
+  check_cuda_levels("wavelet_detokenize", g.levels);
+  const c10::cuda::CUDAGuard guard(tokens[0].device());
+  at::Tensor image = at::empty({g.batch, 3, g.height, g.width}, tokens[0].options());
+  if (g.batch == 0) return image;
+  cuda::DetokenizeParams p{};
+  for (int64_t s = 0; s <= g.levels; ++s) {
+    p.tokens[s] = tokens[s].const_data_ptr();
+    p.s_b[s] = tokens[s].stride(0);
+    p.s_g[s] = tokens[s].stride(1);
+    p.s_f[s] = tokens[s].stride(2);
+  }
+  p.image = image.data_ptr();
+  p.height = g.height;
+  p.width = g.width;
+  color_matrix(ycbcr, true, p.m);
+  p.grid_h = g.grid_h;
+  p.grid_w = g.grid_w;
+  p.ph0 = g.ph0;
+  p.pw0 = g.pw0;
+  p.levels = static_cast<int>(g.levels);
+  p.mix = ycbcr;
+  cuda::detokenize(p, cuda_dtype(image.scalar_type()), g.batch, c10::cuda::getCurrentCUDAStream());
+  return image;
+}
+
+cuda::ScatterSide scatter_side(const at::Tensor& src, const at::Tensor& dst) {
+  cuda::ScatterSide side{static_cast<const char*>(src.const_data_ptr()), static_cast<char*>(dst.data_ptr()), {}, {}};
+  for (int i = 0; i < 4; ++i) {
+    side.s[i] = src.stride(i);
+    side.d[i] = dst.stride(i);
+  }
+  return side;
+}
+
+void kv_scatter_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const AppendPlan& plan) {
+  if (k_new.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(k_new.device());
+  const int64_t B = k_new.size(0);
+  // (2, B) int64: the validated lens, then the rows, copied to the device.
+  at::Tensor host = at::empty({2, B}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    h[b] = plan.lens[b];
+    h[B + b] = plan.rows[b];
+  }
+  const at::Tensor index = host.to(k_new.device());
+  const int64_t* lens = index.const_data_ptr<int64_t>();
+  cuda::kv_scatter(scatter_side(k_new, k_cache), scatter_side(v_new, v_cache), lens, lens + B, B, k_new.size(1),
+                   k_new.size(2), k_new.size(3), k_new.element_size(), c10::cuda::getCurrentCUDAStream());
+}
+#endif
 
 // ------------------------------------------------------------------------------ Python entry points
 

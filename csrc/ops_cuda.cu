@@ -6,23 +6,20 @@
 // levels there and writes every stage's tokens once (16-byte stores where the token layout allows).
 // The inverse mirrors it. The KV scatter copies k_new/v_new rows into the caches, 16 bytes at a time
 // when rows are contiguous and aligned, element by element otherwise.
-#include "waveclip.h"
+#include "cuda_kernels.h"
 
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 
-namespace waveclip {
+namespace waveclip::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxStages = 16;
 constexpr int64_t kDefaultSmem = 48 * 1024;
 
 template <typename T>
@@ -36,31 +33,6 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <typename T>
 constexpr int vec16 = 16 / static_cast<int>(sizeof(T));
-
-struct TokenizeParams {
-  const void* images;  // (B, 3, H, W), element strides s_b, s_c, s_h, s_w
-  int64_t s_b, s_c, s_h, s_w;
-  void* tokens[kMaxStages];  // stage s: (B, Gh*Gw, dim_s) contiguous
-  double m[3][3];            // colour matrix
-  int64_t grid_h, grid_w, ph0, pw0;
-  int64_t tile_h, tile_w;  // sub-tile in stage-0 pixels; divide ph0, pw0
-  int levels, mix;
-  int vec_load;       // the images allow 16-byte loads
-  unsigned vec_store;  // bit s: stage s allows 16-byte stores
-};
-
-struct DetokenizeParams {
-  const void* tokens[kMaxStages];  // stage s: (B, Gh*Gw, dim_s), element strides s_b[s], s_g[s], s_f[s]
-  int64_t s_b[kMaxStages], s_g[kMaxStages], s_f[kMaxStages];
-  void* image;  // (B, 3, H, W) contiguous
-  int64_t height, width;
-  double m[3][3];  // inverse colour matrix
-  int64_t grid_h, grid_w, ph0, pw0;
-  int64_t tile_h, tile_w;
-  int levels, mix;
-  unsigned vec_load;  // bit s: stage s allows 16-byte loads
-  int vec_store;      // the image allows 16-byte stores
-};
 
 // Block -> (batch b, cell, sub-tile row ty, sub-tile column tx).
 struct TileIndex {
@@ -331,12 +303,6 @@ __global__ void __launch_bounds__(kThreads) detokenize_kernel(const DetokenizePa
 
 // ------------------------------------------------------------------------------ KV scatter
 
-struct ScatterSide {
-  const char* src;  // (B, H, n, D), element strides s[0..3]
-  char* dst;        // (B_cache, H, N_max, D), element strides d[0..3]
-  int64_t s[4], d[4];
-};
-
 // Copies every (b, h, t) row of D elements from src to dst row rows[b] at position lens[b] + t,
 // `word` bytes per access (W words per element row). blockIdx.y picks k (0) or v (1).
 template <typename word>
@@ -361,93 +327,88 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Largest sub-tile (tile_h, tile_w) dividing (ph0, pw0) whose shared memory fits `limit` bytes,
-// preferring full-width tiles, then cut into more rows until the grid fills the device.
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// Sub-tile (tile_h, tile_w) in stage-0 pixels, dividing (ph0, pw0): the largest whose shared memory
+// fits 48 KB (else the device's opt-in limit), preferring full cell width, then cut into more row
+// bands while the grid has fewer than 4 blocks per multiprocessor.
 struct TilePlan {
   int64_t tile_h, tile_w, smem;
 };
 
-TilePlan plan_tiles(const Geometry& g, int64_t acc_size, int64_t blocks_wanted, const char* op) {
-  auto smem = [&](int64_t th, int64_t tw) { return 3 * (th << g.levels) * (tw << g.levels) * 5 / 4 * acc_size; };
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  for (const int64_t limit : {kDefaultSmem, static_cast<int64_t>(optin)}) {
-    for (int64_t tw = g.pw0; tw >= 1; --tw) {
-      if (g.pw0 % tw) continue;
-      for (int64_t th = g.ph0; th >= 1; --th) {
-        if (g.ph0 % th || smem(th, tw) > limit) continue;
-        // Fits: cut into smaller row bands while the grid has too few blocks.
-        const int64_t per_tile = g.batch * g.cells() * (g.pw0 / tw);
-        for (int64_t smaller = th - 1; smaller >= 1 && per_tile * (g.ph0 / th) < blocks_wanted; --smaller)
-          if (g.ph0 % smaller == 0) th = smaller;
+TilePlan plan_tiles(int64_t batch, int64_t cells, int64_t ph0, int64_t pw0, int levels, int64_t acc_size,
+                    const char* op) {
+  auto smem = [&](int64_t th, int64_t tw) { return 3 * (th << levels) * (tw << levels) * 5 / 4 * acc_size; };
+  const int64_t optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int64_t wanted = 4 * int64_t(device_attribute(cudaDevAttrMultiProcessorCount));
+  for (const int64_t limit : {kDefaultSmem, optin}) {
+    for (int64_t tw = pw0; tw >= 1; --tw) {
+      if (pw0 % tw) continue;
+      for (int64_t th = ph0; th >= 1; --th) {
+        if (ph0 % th || smem(th, tw) > limit) continue;
+        const int64_t per_band = batch * cells * (pw0 / tw);
+        for (int64_t smaller = th - 1; smaller >= 1 && per_band * (ph0 / th) < wanted; --smaller)
+          if (ph0 % smaller == 0) th = smaller;
+        const int64_t blocks = per_band * (ph0 / th);
+        TORCH_CHECK(blocks < (int64_t(1) << 31), op, ": too many tiles (", blocks, ") for one launch");
         return {th, tw, smem(th, tw)};
       }
     }
   }
-  TORCH_CHECK(false, op, ": a ", (1 << g.levels), "x", (1 << g.levels),
+  TORCH_CHECK(false, op, ": one ", (int64_t(1) << levels), "x", (int64_t(1) << levels),
               " pixel tile needs more shared memory than the device offers (", optin,
               " bytes); use fewer levels or impl=\"triton\"/\"reference\"");
   return {};
 }
 
-int blocks_wanted() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return 4 * sms;
-}
-
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > kDefaultSmem)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, int64_t blocks, int64_t smem, cudaStream_t stream, const Params& params) {
+  if (smem > kDefaultSmem)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename in_t, typename out_t>
-void launch_tokenize(TokenizeParams p, const Geometry& g, const TilePlan& tiles, cudaStream_t stream) {
+void tokenize_typed(TokenizeParams p, int64_t batch, cudaStream_t stream) {
   constexpr int64_t VI = vec16<in_t>, VO = vec16<out_t>;
-  p.vec_load = p.s_w == 1 && (tiles.tile_w << g.levels) % VI == 0 && p.s_h % VI == 0 && p.s_c % VI == 0 &&
+  const int64_t cells = p.grid_h * p.grid_w;
+  const TilePlan t = plan_tiles(batch, cells, p.ph0, p.pw0, p.levels, sizeof(acc_of<in_t>), "wavelet_tokenize");
+  p.tile_h = t.tile_h;
+  p.tile_w = t.tile_w;
+  p.vec_load = p.s_w == 1 && (t.tile_w << p.levels) % VI == 0 && p.s_h % VI == 0 && p.s_c % VI == 0 &&
                p.s_b % VI == 0 && aligned16(p.images);
   p.vec_store = 0;
-  for (int64_t s = 0; s <= g.levels; ++s) {
-    const int64_t run = s == 0 ? tiles.tile_w : tiles.tile_w << (s - 1);
-    if (g.patch_w(s) % VO == 0 && run % VO == 0 && aligned16(p.tokens[s])) p.vec_store |= 1u << s;
+  for (int s = 0; s <= p.levels; ++s) {
+    const int64_t run = s == 0 ? t.tile_w : t.tile_w << (s - 1), pw = s == 0 ? p.pw0 : p.pw0 << (s - 1);
+    if (pw % VO == 0 && run % VO == 0 && aligned16(p.tokens[s])) p.vec_store |= 1u << s;
   }
-  const int64_t blocks = g.batch * g.cells() * (g.ph0 / tiles.tile_h) * (g.pw0 / tiles.tile_w);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "wavelet_tokenize: too many tiles (", blocks, ") for one launch");
-  auto kernel = tokenize_kernel<in_t, out_t>;
-  allow_smem(kernel, tiles.smem);
-  kernel<<<blocks, kThreads, tiles.smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = batch * cells * (p.ph0 / t.tile_h) * (p.pw0 / t.tile_w);
+  launch(tokenize_kernel<in_t, out_t>, blocks, t.smem, stream, p);
 }
 
 template <typename tok_t>
-void launch_detokenize(DetokenizeParams p, const Geometry& g, const TilePlan& tiles, cudaStream_t stream) {
+void detokenize_typed(DetokenizeParams p, int64_t batch, cudaStream_t stream) {
   constexpr int64_t V = vec16<tok_t>;
+  const int64_t cells = p.grid_h * p.grid_w;
+  const TilePlan t = plan_tiles(batch, cells, p.ph0, p.pw0, p.levels, sizeof(acc_of<tok_t>), "wavelet_detokenize");
+  p.tile_h = t.tile_h;
+  p.tile_w = t.tile_w;
   p.vec_load = 0;
-  for (int64_t s = 0; s <= g.levels; ++s) {
-    const int64_t run = s == 0 ? tiles.tile_w : tiles.tile_w << (s - 1);
-    const bool ok = p.s_f[s] == 1 && p.s_g[s] % V == 0 && p.s_b[s] % V == 0 && g.patch_w(s) % V == 0 &&
-                    run % V == 0 && aligned16(p.tokens[s]);
+  for (int s = 0; s <= p.levels; ++s) {
+    const int64_t run = s == 0 ? t.tile_w : t.tile_w << (s - 1), pw = s == 0 ? p.pw0 : p.pw0 << (s - 1);
+    const bool ok = p.s_f[s] == 1 && p.s_g[s] % V == 0 && p.s_b[s] % V == 0 && pw % V == 0 && run % V == 0 &&
+                    aligned16(p.tokens[s]);
     if (ok) p.vec_load |= 1u << s;
   }
-  p.vec_store = (tiles.tile_w << g.levels) % V == 0 && aligned16(p.image);
-  const int64_t blocks = g.batch * g.cells() * (g.ph0 / tiles.tile_h) * (g.pw0 / tiles.tile_w);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "wavelet_detokenize: too many tiles (", blocks, ") for one launch");
-  auto kernel = detokenize_kernel<tok_t>;
-  allow_smem(kernel, tiles.smem);
-  kernel<<<blocks, kThreads, tiles.smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-ScatterSide scatter_side(const at::Tensor& src, const at::Tensor& dst) {
-  ScatterSide side{static_cast<const char*>(src.const_data_ptr()), static_cast<char*>(dst.data_ptr()), {}, {}};
-  for (int i = 0; i < 4; ++i) {
-    side.s[i] = src.stride(i);
-    side.d[i] = dst.stride(i);
-  }
-  return side;
+  p.vec_store = (t.tile_w << p.levels) % V == 0 && aligned16(p.image);
+  const int64_t blocks = batch * cells * (p.ph0 / t.tile_h) * (p.pw0 / t.tile_w);
+  launch(detokenize_kernel<tok_t>, blocks, t.smem, stream, p);
 }
 
 // Whether 16-byte words can move whole contiguous rows of D elements on this side.
@@ -459,135 +420,51 @@ bool rows_vectorizable(const ScatterSide& side, int64_t D, int64_t es) {
 
 }  // namespace
 
-std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Geometry& g, bool ycbcr,
-                                              at::ScalarType out_dtype) {
-  TORCH_CHECK(g.levels + 1 <= kMaxStages, "wavelet_tokenize: the CUDA kernel supports at most ", kMaxStages - 1,
-              " levels, got ", g.levels);
-  const c10::cuda::CUDAGuard guard(images.device());
-  const at::ScalarType in_type = images.scalar_type();
-  // The kernel writes the input dtype or the compute dtype; any other out_dtype is a cast of the latter.
-  const at::ScalarType acc_type = in_type == at::kDouble ? at::kDouble : at::kFloat;
-  const at::ScalarType kernel_out = out_dtype == in_type ? in_type : acc_type;
-  std::vector<at::Tensor> out;
-  for (int64_t s = 0; s <= g.levels; ++s)
-    out.push_back(at::empty({g.batch, g.cells(), g.dim(s)}, images.options().dtype(kernel_out)));
-  if (g.batch > 0) {
-    TokenizeParams p{};
-    p.images = images.const_data_ptr();
-    p.s_b = images.stride(0);
-    p.s_c = images.stride(1);
-    p.s_h = images.stride(2);
-    p.s_w = images.stride(3);
-    for (int64_t s = 0; s <= g.levels; ++s) p.tokens[s] = out[s].data_ptr();
-    color_matrix(ycbcr, false, p.m);
-    p.grid_h = g.grid_h;
-    p.grid_w = g.grid_w;
-    p.ph0 = g.ph0;
-    p.pw0 = g.pw0;
-    p.levels = static_cast<int>(g.levels);
-    p.mix = ycbcr;
-    const TilePlan tiles = plan_tiles(g, in_type == at::kDouble ? 8 : 4, blocks_wanted(), "wavelet_tokenize");
-    p.tile_h = tiles.tile_h;
-    p.tile_w = tiles.tile_w;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    switch (in_type) {
-      case at::kHalf:
-        if (kernel_out == at::kHalf)
-          launch_tokenize<c10::Half, c10::Half>(p, g, tiles, stream);
-        else
-          launch_tokenize<c10::Half, float>(p, g, tiles, stream);
-        break;
-      case at::kBFloat16:
-        if (kernel_out == at::kBFloat16)
-          launch_tokenize<c10::BFloat16, c10::BFloat16>(p, g, tiles, stream);
-        else
-          launch_tokenize<c10::BFloat16, float>(p, g, tiles, stream);
-        break;
-      case at::kFloat:
-        launch_tokenize<float, float>(p, g, tiles, stream);
-        break;
-      default:
-        launch_tokenize<double, double>(p, g, tiles, stream);
-    }
-  }
-  if (kernel_out != out_dtype)
-    for (auto& t : out) t = t.to(out_dtype);
-  return out;
-}
-
-at::Tensor wavelet_detokenize_cuda(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr) {
-  TORCH_CHECK(g.levels + 1 <= kMaxStages, "wavelet_detokenize: the CUDA kernel supports at most ", kMaxStages - 1,
-              " levels, got ", g.levels);
-  const c10::cuda::CUDAGuard guard(tokens[0].device());
-  at::Tensor image = at::empty({g.batch, 3, g.height, g.width}, tokens[0].options());
-  if (g.batch == 0) return image;
-  DetokenizeParams p{};
-  for (int64_t s = 0; s <= g.levels; ++s) {
-    p.tokens[s] = tokens[s].const_data_ptr();
-    p.s_b[s] = tokens[s].stride(0);
-    p.s_g[s] = tokens[s].stride(1);
-    p.s_f[s] = tokens[s].stride(2);
-  }
-  p.image = image.data_ptr();
-  p.height = g.height;
-  p.width = g.width;
-  color_matrix(ycbcr, true, p.m);
-  p.grid_h = g.grid_h;
-  p.grid_w = g.grid_w;
-  p.ph0 = g.ph0;
-  p.pw0 = g.pw0;
-  p.levels = static_cast<int>(g.levels);
-  p.mix = ycbcr;
-  const at::ScalarType type = tokens[0].scalar_type();
-  const TilePlan tiles = plan_tiles(g, type == at::kDouble ? 8 : 4, blocks_wanted(), "wavelet_detokenize");
-  p.tile_h = tiles.tile_h;
-  p.tile_w = tiles.tile_w;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (type) {
-    case at::kHalf:
-      launch_detokenize<c10::Half>(p, g, tiles, stream);
-      break;
-    case at::kBFloat16:
-      launch_detokenize<c10::BFloat16>(p, g, tiles, stream);
-      break;
-    case at::kFloat:
-      launch_detokenize<float>(p, g, tiles, stream);
-      break;
-    default:
-      launch_detokenize<double>(p, g, tiles, stream);
-  }
-  return image;
-}
-
-void kv_scatter_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
-                     const at::Tensor& v_cache, const AppendPlan& plan) {
-  const int64_t B = k_new.size(0), heads = k_new.size(1), n = k_new.size(2), D = k_new.size(3);
-  if (k_new.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(k_new.device());
-  // lens then rows, (2, B) int64, uploaded on the current stream.
-  at::Tensor host = at::empty({2, B}, k_new.options().device(at::kCPU).dtype(at::kLong));
-  int64_t* h = host.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    h[b] = plan.lens[b];
-    h[B + b] = plan.rows[b];
-  }
-  const at::Tensor index = host.to(k_new.device());
-  const int64_t* lens = index.const_data_ptr<int64_t>();
-  const int64_t es = k_new.element_size();
-  const ScatterSide k = scatter_side(k_new, k_cache), v = scatter_side(v_new, v_cache);
-  const bool vec = rows_vectorizable(k, D, es) && rows_vectorizable(v, D, es);
-  const int64_t words = vec ? D * es / 16 : D, total = B * heads * n * words;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535)), 2);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (vec)
-    kv_scatter_kernel<uint4><<<grid, kThreads, 0, stream>>>(k, v, lens, lens + B, heads, n, words, es, total);
-  else if (es == 2)
-    kv_scatter_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(k, v, lens, lens + B, heads, n, words, es, total);
-  else if (es == 4)
-    kv_scatter_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(k, v, lens, lens + B, heads, n, words, es, total);
+void tokenize(const TokenizeParams& p, Dtype in, Dtype out, int64_t batch, cudaStream_t stream) {
+  if (in == Dtype::kHalf && out == Dtype::kHalf)
+    tokenize_typed<c10::Half, c10::Half>(p, batch, stream);
+  else if (in == Dtype::kHalf && out == Dtype::kFloat)
+    tokenize_typed<c10::Half, float>(p, batch, stream);
+  else if (in == Dtype::kBFloat16 && out == Dtype::kBFloat16)
+    tokenize_typed<c10::BFloat16, c10::BFloat16>(p, batch, stream);
+  else if (in == Dtype::kBFloat16 && out == Dtype::kFloat)
+    tokenize_typed<c10::BFloat16, float>(p, batch, stream);
+  else if (in == Dtype::kFloat && out == Dtype::kFloat)
+    tokenize_typed<float, float>(p, batch, stream);
+  else if (in == Dtype::kDouble && out == Dtype::kDouble)
+    tokenize_typed<double, double>(p, batch, stream);
   else
-    kv_scatter_kernel<uint64_t><<<grid, kThreads, 0, stream>>>(k, v, lens, lens + B, heads, n, words, es, total);
+    TORCH_CHECK(false, "wavelet_tokenize: the CUDA kernel writes the input or the compute dtype only");
+}
+
+void detokenize(const DetokenizeParams& p, Dtype dtype, int64_t batch, cudaStream_t stream) {
+  switch (dtype) {
+    case Dtype::kHalf:
+      return detokenize_typed<c10::Half>(p, batch, stream);
+    case Dtype::kBFloat16:
+      return detokenize_typed<c10::BFloat16>(p, batch, stream);
+    case Dtype::kFloat:
+      return detokenize_typed<float>(p, batch, stream);
+    case Dtype::kDouble:
+      return detokenize_typed<double>(p, batch, stream);
+  }
+}
+
+void kv_scatter(const ScatterSide& k, const ScatterSide& v, const int64_t* lens, const int64_t* rows, int64_t batch,
+                int64_t heads, int64_t n, int64_t D, int64_t elem_size, cudaStream_t stream) {
+  const bool vec = rows_vectorizable(k, D, elem_size) && rows_vectorizable(v, D, elem_size);
+  const int64_t words = vec ? D * elem_size / 16 : D, total = batch * heads * n * words;
+  if (total == 0) return;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535)), 2);
+  if (vec)
+    kv_scatter_kernel<uint4><<<grid, kThreads, 0, stream>>>(k, v, lens, rows, heads, n, words, elem_size, total);
+  else if (elem_size == 2)
+    kv_scatter_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(k, v, lens, rows, heads, n, words, elem_size, total);
+  else if (elem_size == 4)
+    kv_scatter_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(k, v, lens, rows, heads, n, words, elem_size, total);
+  else
+    kv_scatter_kernel<uint64_t><<<grid, kThreads, 0, stream>>>(k, v, lens, rows, heads, n, words, elem_size, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace waveclip
+}  // namespace waveclip::cuda

@@ -1,5 +1,5 @@
 // Shared declarations of the waveclip extension: stage geometry, colour matrices, host-side
-// validation and the entry points of the CPU and CUDA kernels.
+// validation and the entry points of the CPU kernels (the CUDA launchers are in cuda_kernels.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -79,14 +79,5 @@ at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const G
 void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const AppendPlan& plan);
 
-#ifdef WAVECLIP_WITH_CUDA
-// ------------------------------------------------------------------------------ CUDA kernels
-// Same contracts as the CPU entry points, for CUDA tensors.
-std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Geometry& g, bool ycbcr,
-                                              at::ScalarType out_dtype);
-at::Tensor wavelet_detokenize_cuda(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr);
-void kv_scatter_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
-                     const at::Tensor& v_cache, const AppendPlan& plan);
-#endif
 
 }  // namespace waveclip

@@ -23,6 +23,15 @@ from waveclip.calibrate import (
 from waveclip.flops import exit_gflops
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread wake-up latency on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_force(margins, correct, cost, need):
     """Cheapest mean cost over every combination of observed margins (and never) as thresholds."""
     N, S = correct.shape
@@ -191,6 +200,7 @@ def test_cli_writes_thresholds_csv_and_png(tmp_path):
     shares = np.bincount([a.exit_stage for a in answers], minlength=3) / len(answers)
     assert accuracy == pytest.approx(float(op["accuracy"]), abs=1e-3)
     assert shares == pytest.approx([float(op[f"share_exit_{s}"]) for s in range(3)], abs=1e-3)
+    assert np.mean([a.gflops for a in answers]) == pytest.approx(float(op["mean_gflops"]), rel=1e-5)
 
     # Calibrating again from the saved embeddings gives the same operating point.
     args = parser.parse_args(
@@ -224,3 +234,31 @@ def test_class_prototypes():
     torch.testing.assert_close(p[0], expected)
     with pytest.raises(ValueError, match="no prototype images"):
         class_prototypes(z, labels, 4)
+
+
+def test_cli_class_names_through_the_teacher_text_tower(tmp_path, capsys):
+    teacher_json = tmp_path / "tiny-calib-teacher.json"
+    teacher_json.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    from waveclip.distill import load_teacher_model
+
+    teacher, _ = load_teacher_model(str(teacher_json), None)
+    student = WaveCLIP.from_open_clip(teacher, WaveCLIPConfig.from_preset("waveclip-tiny"), impl="reference")
+    student.save_pretrained(tmp_path / "student")
+    _image_folders(tmp_path / "images")
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--checkpoint", str(tmp_path / "student"), "--data", str(tmp_path / "images"), "--labels-from-folders"]
+        + ["--class-names", "cat,dog", "--teacher", str(teacher_json), "--out", str(tmp_path), "--impl", "reference"]
+    )
+    assert run(args) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    assert (tmp_path / "calibration.csv").is_file()

@@ -76,9 +76,13 @@ def test_incremental_with_a_non_square_grid():
     assert rel_err(run_incremental(model, x).embeddings, full) <= 1e-12
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_batched_early_exit_equals_one_by_one(dtype, tol):
+@pytest.mark.parametrize(
+    "dtype, tol, impl",
+    [(torch.float32, 1e-5, "auto"), (torch.float64, 1e-12, "auto"), (torch.float64, 1e-12, "reference")],
+)
+def test_batched_early_exit_equals_one_by_one(dtype, tol, impl):
     model = tiny_model(dtype)
+    model.impl = impl
     x = images(5, dtype)
     state = model.start(x)
     model.refine(state, active=torch.tensor([True, False, True, True, True]))  # sample 1 exits after stage 0

@@ -138,7 +138,7 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 
 def test_load_missing_checkpoint_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
         WaveCLIP.from_pretrained(tmp_path)
 
 

@@ -384,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="labelled images (class = sub-folder; their train split when --split holdout): classes are the "
         "mean last-exit embedding per class",
     )
-    parser.add_argument("--teacher", help="open_clip model name for --class-names (text tower)")
+    parser.add_argument("--teacher", help="open_clip model name or config .json for --class-names (text tower)")
     parser.add_argument("--teacher-weights", help="its local weights (default: random, said so)")
     parser.add_argument("--logit-scale", type=float, help="softmax scale of the gate (default: teacher's, else 100)")
     tgt = parser.add_argument_group("target")
@@ -468,18 +468,18 @@ def run(args: argparse.Namespace) -> int:
             class_names = proto.class_names
             print(f"class prototypes: mean last-exit embedding per class over {len(proto)} labelled images")
         elif args.class_names:
-            from .interop import load_teacher
+            import open_clip
+
+            from .distill import load_teacher_model
             from .zeroshot import class_text_embeddings
 
             names = [n.strip() for n in args.class_names.split(",") if n.strip()]
             if class_names is not None and names != class_names:
                 raise ValueError(f"--class-names {names} differ from the data's classes {class_names}")
-            teacher = load_teacher(args.teacher or config.teacher, args.teacher_weights)
+            teacher, teacher_name = load_teacher_model(args.teacher or config.teacher, args.teacher_weights)
             if args.teacher_weights is None:
                 print("note: the teacher's text tower has RANDOM weights (no --teacher-weights given)")
-            import open_clip
-
-            tokenizer = open_clip.get_tokenizer(args.teacher or config.teacher)
+            tokenizer = open_clip.get_tokenizer(teacher_name)
             class_emb, class_names = class_text_embeddings(teacher, tokenizer, names), names
             scale = scale or teacher.logit_scale.exp().item()
         if class_emb is None:

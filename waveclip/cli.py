@@ -46,6 +46,17 @@ def _config(preset: str):
     return WaveCLIPConfig.from_preset(preset)  # ValueError naming the known presets
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r} is not a device: use cpu or cuda") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here")
+
+
 def _progress(iterable, **kwargs):
     from tqdm import tqdm
 
@@ -83,6 +94,9 @@ def _classifier(args):
     else:
         model = None
     config = model.config if model is not None else _config(args.preset)
+    thresholds = args.thresholds
+    if thresholds is not None and len(thresholds) != config.levels:
+        raise UserError(f"--thresholds needs {config.levels} values (one per non-final stage), got {len(thresholds)}")
     teacher = None
     if config.teacher:
         teacher = load_teacher(config.teacher, weights=args.teacher_weights, quick_gelu=config.quick_gelu)
@@ -94,9 +108,6 @@ def _classifier(args):
             raise UserError(f"preset {args.preset} names no teacher: pass --checkpoint")
         model = WaveCLIP.from_open_clip(teacher, config, impl=args.impl)
         notes.append(f"WaveCLIP tower: initialised from the teacher (preset {args.preset}, not distilled)")
-    thresholds = args.thresholds
-    if thresholds is not None and len(thresholds) != config.levels:
-        raise UserError(f"--thresholds needs {config.levels} values (one per non-final stage), got {len(thresholds)}")
     if teacher is not None:
         import open_clip
 
@@ -121,6 +132,7 @@ def cmd_classify(args) -> int:
         raise UserError("--labels needs at least one class name, e.g. --labels cat,dog")
     if len(set(args.labels)) != len(args.labels):
         raise UserError(f"--labels has duplicate class names: {args.labels}")
+    _check_device(args.device)
     pictures = _load_images(args.images)
     classifier, notes = _classifier(args)
     config = classifier.model.config
@@ -135,12 +147,12 @@ def cmd_classify(args) -> int:
     print(f"{'image':<{width}}  {'label':<16} {'prob':>6}  exit  GFLOPs")
     for path, p in zip(args.images, predictions):
         prob = float(p.probs[p.label])
-        print(f"{path:<{width}}  {p.name:<16} {prob:6.3f}  {p.exit_stage:>4}  {p.gflops:6.2f}")
+        print(f"{path:<{width}}  {p.name:<16} {prob:6.3f}  {p.exit_stage:>4}  {p.gflops:.4g}")
     mean = sum(p.gflops for p in predictions) / len(predictions)
     teacher = teacher_gflops_analytic(config)
     print(
-        f"thresholds {', '.join(f'{t:g}' for t in classifier.thresholds)}; mean {mean:.2f} GFLOPs per image "
-        f"({100 * mean / teacher:.0f}% of the teacher's {teacher:.2f})"
+        f"thresholds {', '.join(f'{t:g}' for t in classifier.thresholds)}; mean {mean:.4g} GFLOPs per image "
+        f"({100 * mean / teacher:.0f}% of the teacher's {teacher:.4g})"
     )
     return 0
 
@@ -203,16 +215,16 @@ def cmd_flops(args) -> int:
     )
     print(f"{'exit':>4} {'tokens':>6} {'GFLOPs':>9} {'no LN':>9} {'% teacher':>9}" + (" fvcore" if args.fvcore else ""))
     for i, r in enumerate(rows):
-        line = f"{r['exit']:>4} {r['tokens']:>6} {r['gflops']:>9.3f} {r['gflops_no_layernorm']:>9.3f}"
+        line = f"{r['exit']:>4} {r['tokens']:>6} {r['gflops']:>9.4g} {r['gflops_no_layernorm']:>9.4g}"
         line += f" {r['percent_of_teacher']:>8.1f}%"
         if fvcore_exits is not None:
             r["gflops_fvcore"] = fvcore_exits[i]
-            line += f" {fvcore_exits[i]:.3f}"
+            line += f" {fvcore_exits[i]:.4g}"
         print(line)
     without = flops.teacher_gflops_analytic(config, layernorm=False)
     print(
-        f"teacher ({config.teacher or 'a ViT of the same trunk'} at {H}x{W} px): {teacher:.3f} GFLOPs ({source}, "
-        f"with LayerNorm; {without:.3f} without)"
+        f"teacher ({config.teacher or 'a ViT of the same trunk'} at {H}x{W} px): {teacher:.4g} GFLOPs ({source}, "
+        f"with LayerNorm; {without:.4g} without)"
     )
     if args.out:
         print(f"wrote {_write_flops_csv(args.out, args.preset, rows)}")
@@ -249,8 +261,7 @@ def cmd_bench(args) -> int:
 
     from .flops import exit_table
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     ops = BENCH_OPS if args.op == "all" else (args.op,)

@@ -27,7 +27,8 @@ from .model import WaveCLIP
 from .zeroshot import ZeroShotClassifier
 
 LABELS = (
-    "astronaut", "cup of coffee", "cat", "rocket", "dog", "car", "horse", "airplane", "bird", "flower", "teapot", "clock",
+    "astronaut", "cup of coffee", "cat", "rocket", "dog", "car",
+    "horse", "airplane", "bird", "flower", "teapot", "clock",
 )  # fmt: skip
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
@@ -120,13 +121,15 @@ def classification_demo(
         t_label = LABELS[int(tp.argmax())]
         answer = f"{p.name} ({p.probs[p.label]:.2f})"
         teacher_answer = f"{t_label} ({tp.max():.2f})"
-        print(f"  {name:<10} {answer:<22} {p.exit_stage:>4} {p.gflops:>7.2f}   {teacher_answer:<22} {teacher_cost:>7.2f}")
+        print(
+            f"  {name:<10} {answer:<22} {p.exit_stage:>4} {p.gflops:>7.2f}   {teacher_answer:<22} {teacher_cost:>7.2f}"
+        )
         rows.append(
             dict(image=name, answer=p.name, probability=float(p.probs[p.label]), exit_stage=p.exit_stage,
                  gflops=p.gflops, teacher_answer=t_label, teacher_gflops=teacher_cost)
         )  # fmt: skip
-    spent = sum(p.gflops for p in preds)
-    print(f"  total {spent:.2f} GFLOPs vs the teacher's {teacher_cost * len(preds):.2f} ({100 * spent / (teacher_cost * len(preds)):.0f}%)")
+    spent, teacher_total = sum(p.gflops for p in preds), teacher_cost * len(preds)
+    print(f"  total {spent:.2f} GFLOPs vs the teacher's {teacher_total:.2f} ({100 * spent / teacher_total:.0f}%)")
     path = out_dir / "zeroshot.json"
     path.write_text(json.dumps(dict(teacher_weights=teacher_weights, thresholds=clf.thresholds, rows=rows), indent=2))
     print(f"  saved {path}")
@@ -135,9 +138,15 @@ def classification_demo(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
-    parser.add_argument("--teacher-weights", metavar="PATH", help="open_clip ViT-B-16 checkpoint file (default: random)")
     parser.add_argument(
-        "--thresholds", type=float, nargs="+", metavar="TAU", help="margin threshold per non-final stage (default: preset)"
+        "--teacher-weights", metavar="PATH", help="open_clip ViT-B-16 checkpoint file (default: random)"
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        metavar="TAU",
+        help="margin threshold per non-final stage (default: preset)",
     )
     parser.add_argument("--impl", default="auto", help="kernel impl for the student (default: auto)")
     args = parser.parse_args(argv)

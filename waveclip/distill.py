@@ -518,6 +518,17 @@ def distill(options: DistillOptions) -> DistillResult:
     random.seed(options.seed)
     np.random.seed(options.seed)
 
+    # Data first: a bad folder stops the run before a large teacher is loaded.
+    image_size = options.image_size or WaveCLIPConfig.from_preset(options.preset).image_size
+    dataset = build_dataset(
+        options.data,
+        image_size,
+        options.split,
+        options.holdout_fraction,
+        options.labels_from_folders,
+        options.skip_unreadable,
+    )
+
     # Teacher and student.
     teacher, teacher_name = load_teacher_model(options.teacher, options.teacher_weights)
     teacher = teacher.eval().requires_grad_(False)
@@ -543,15 +554,6 @@ def distill(options: DistillOptions) -> DistillResult:
         f"width {config.width}, {config.layers} layers, impl={options.impl}"
     )
 
-    # Data.
-    dataset = build_dataset(
-        options.data,
-        config.image_size,
-        options.split,
-        options.holdout_fraction,
-        options.labels_from_folders,
-        options.skip_unreadable,
-    )
     micro_per_epoch = (len(dataset) // rank.world) // options.batch_size
     steps_per_epoch = micro_per_epoch // options.accum_steps
     if steps_per_epoch == 0:

@@ -93,11 +93,17 @@ def load_teacher(
 
 def _visual(teacher: nn.Module) -> nn.Module:
     visual = getattr(teacher, "visual", teacher)
-    missing = [a for a in ("conv1", "class_embedding", "positional_embedding", "transformer", "proj") if not hasattr(visual, a)]
+    missing = [
+        a for a in ("conv1", "class_embedding", "positional_embedding", "transformer", "proj") if not hasattr(visual, a)
+    ]
     if missing:
-        raise TypeError(f"expected an open_clip CLIP or VisionTransformer, got {type(teacher).__name__} without {missing}")
+        raise TypeError(
+            f"expected an open_clip CLIP or VisionTransformer, got {type(teacher).__name__} without {missing}"
+        )
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError("only teachers that pool the class token (pool_type='tok', no attentional pooler) are supported")
+        raise ValueError(
+            "only teachers that pool the class token (pool_type='tok', no attentional pooler) are supported"
+        )
     if isinstance(visual.ln_pre, nn.Identity) or visual.proj is None:
         raise ValueError("the teacher needs ln_pre and a projection (no_ln_pre / proj=None are not supported)")
     block = visual.transformer.resblocks[0]

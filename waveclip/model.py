@@ -128,7 +128,9 @@ class WaveCLIP(nn.Module):
                 f"images are {tuple(images.shape[-2:])} pixels but this tower takes {cfg.image_size} "
                 f"(L={cfg.levels}, grid {cfg.grid}); resize/crop them to {cfg.image_size} first"
             )
-        return wk.wavelet_tokenize(images, cfg.levels, cfg.grid, cfg.color, out_dtype=self.dtype, impl=impl or self.impl)
+        return wk.wavelet_tokenize(
+            images, cfg.levels, cfg.grid, cfg.color, out_dtype=self.dtype, impl=impl or self.impl
+        )
 
     def embed_stage(self, s: int, tokens: Tensor) -> Tensor:
         """Stage block s: (B, Gh*Gw, dim_s) tokens -> (B, 1 + Gh*Gw, width) = [CLS_s, W_s t + pos + level_s]."""

@@ -21,7 +21,9 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
 
 @torch.no_grad()
-def class_text_embeddings(teacher: nn.Module, tokenizer, class_names: Sequence[str], templates=DEFAULT_TEMPLATES) -> Tensor:
+def class_text_embeddings(
+    teacher: nn.Module, tokenizer, class_names: Sequence[str], templates=DEFAULT_TEMPLATES
+) -> Tensor:
     """(C, embed_dim) unit class embeddings: each class's prompts through the teacher's text tower, averaged.
 
     Args:
@@ -71,21 +73,23 @@ class ZeroShotClassifier:
         logit_scale: float = 100.0,
         thresholds: Sequence[float] | None = None,
     ):
-        if class_embeddings is None or class_embeddings.dim() != 2 or class_embeddings.shape[0] == 0:
-            raise ValueError(
-                "class_embeddings must be a non-empty (C, embed_dim) tensor; the class list is empty"
-                if class_embeddings is not None and class_embeddings.shape[0] == 0
-                else f"class_embeddings must be a (C, embed_dim) tensor, got {getattr(class_embeddings, 'shape', None)}"
-            )
+        if not isinstance(class_embeddings, Tensor) or class_embeddings.dim() != 2:
+            shape = getattr(class_embeddings, "shape", None)
+            raise ValueError(f"class_embeddings must be a (C, embed_dim) tensor, got {shape}")
+        if class_embeddings.shape[0] == 0:
+            raise ValueError("zero-shot classification needs at least one class; the class list is empty")
         if class_embeddings.shape[1] != model.config.embed_dim:
             raise ValueError(
-                f"class_embeddings have {class_embeddings.shape[1]} features but the model embeds in {model.config.embed_dim}"
+                f"class_embeddings have {class_embeddings.shape[1]} features; the model embeds in "
+                f"{model.config.embed_dim}"
             )
         if class_names is not None and len(class_names) != class_embeddings.shape[0]:
             raise ValueError(f"{len(class_names)} class names for {class_embeddings.shape[0]} class embeddings")
         thresholds = tuple(model.config.thresholds if thresholds is None else thresholds)
         if len(thresholds) != model.config.levels:
-            raise ValueError(f"thresholds needs one value per non-final stage ({model.config.levels}), got {thresholds}")
+            raise ValueError(
+                f"thresholds needs one value per non-final stage ({model.config.levels}), got {thresholds}"
+            )
         self.model = model
         self.class_embeddings = F.normalize(class_embeddings.detach().to(model.proj), dim=-1)
         self.class_names = list(class_names) if class_names is not None else None
@@ -138,7 +142,10 @@ class ZeroShotClassifier:
         while True:
             probs = self.probabilities(state.latest())
             s = state.stage
-            exits = torch.ones_like(probs[:, 0], dtype=torch.bool) if s == last else self.margin(probs) >= self.thresholds[s]
+            if s == last:
+                exits = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+            else:
+                exits = self.margin(probs) >= self.thresholds[s]
             for row, p, leaves in zip(state.active.tolist(), probs, exits.tolist()):
                 if leaves:
                     label = int(p.argmax())

@@ -29,7 +29,10 @@ from ..reference.wavelet import color_matrix, compute_dtype
 # A program covers at most MAX_TILE x MAX_TILE pixels (one 2**L square when that is larger): a 32 x 32
 # cell of the default presets is one program, 3 x 1024 values in registers.
 MAX_TILE = 64
-NUM_WARPS = 4
+# ptxas for sm_90, L=3, 32 x 32 tile: the tokenizer needs 136-150 registers a thread at 4 warps and
+# 78-80 at 8 (more resident warps for a memory-bound kernel); the inverse needs 56 at 4 warps.
+TOKENIZE_WARPS = 8
+DETOKENIZE_WARPS = 4
 
 
 @functools.cache
@@ -256,7 +259,7 @@ def _launch_shape(levels: int, grid: tuple[int, int], image_size: tuple[int, int
     return (ph0, pw0), (by, bx), triton.cdiv(ph0, by) * triton.cdiv(pw0, bx)
 
 
-def _meta(levels, grid, ph0, pw0, by, bx, dtype):
+def _meta(levels, grid, ph0, pw0, by, bx, dtype, num_warps):
     return dict(
         LEVELS=levels,
         GH=grid[0],
@@ -266,7 +269,7 @@ def _meta(levels, grid, ph0, pw0, by, bx, dtype):
         BY=by,
         BX=bx,
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )
 
 
@@ -310,7 +313,7 @@ def wavelet_tokenize(
         tuple(t.stride(0) for t in out),
         tuple(t.stride(1) for t in out),
         tuple(t.stride(2) for t in out),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct),
+        **_meta(levels, grid, ph0, pw0, by, bx, ct, TOKENIZE_WARPS),
     )
     return out
 
@@ -351,6 +354,6 @@ def wavelet_detokenize(
         tuple(t.stride(1) for t in tokens),
         tuple(t.stride(2) for t in tokens),
         *out.stride(),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct),
+        **_meta(levels, grid, ph0, pw0, by, bx, ct, DETOKENIZE_WARPS),
     )
     return out

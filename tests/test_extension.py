@@ -1,0 +1,411 @@
+"""The C++ extension (impl="cpu"; impl="cuda" where a GPU and a CUDA build exist) against the reference.
+
+Tolerance rule: the error against a float64 oracle is at most twice the reference's own error in
+the same dtype (plus one ulp of the output dtype). KV caches are views into sentinel-filled buffers,
+so a write outside the target shows up as a changed sentinel.
+"""
+
+import pytest
+import torch
+from helpers import SENTINEL, guarded, max_err, non_contiguous
+
+import waveclip_kernels as wk
+from waveclip_kernels import _library, extension
+from waveclip_kernels import reference as ref
+
+_C = extension.load()
+pytestmark = pytest.mark.skipif(isinstance(_C, ImportError), reason="the C++ extension is not built")
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+# (levels, grid, (H, W), color, batch): L = 1..4, non-square images, stage-0 patches of 1, 3 and 5
+# pixels, the default 224 px / 7x7 / L=3 layout, batch 0, 1 and 2.
+CASES = [
+    (1, (3, 5), (6, 10), "ycbcr", 2),
+    (2, (2, 3), (24, 36), "rgb", 1),
+    (3, (7, 7), (224, 224), "ycbcr", 1),
+    (4, (1, 2), (80, 96), "ycbcr", 2),
+    (3, (3, 1), (72, 40), "rgb", 0),
+]
+
+
+def assert_close_to_oracle(out, oracle, same_dtype_ref, dtype):
+    """max|out - oracle| <= 2 * max|ref_same_dtype - oracle| + one ulp of dtype (relative; 1e-12 in
+    float64, where the oracle is the reference itself and rounding order alone differs)."""
+    assert out.dtype == dtype and out.shape == oracle.shape
+    scale = max(1.0, oracle.abs().max().item()) if oracle.numel() else 1.0
+    ulp = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+    bound = 2 * max_err(same_dtype_ref, oracle) + ulp * scale
+    assert max_err(out, oracle) <= bound
+
+
+def assert_guard_intact(buffer, mask):
+    assert (buffer[~mask] == torch.tensor(SENTINEL, dtype=buffer.dtype)).all(), "a write landed outside the target"
+
+
+def tokenize(x, levels, grid, color, out_dtype=None):
+    return extension.wavelet_tokenize(x, levels, grid, color, out_dtype or x.dtype)
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels,grid,size,color,batch", CASES)
+def test_tokenize_matches_reference(levels, grid, size, color, batch, dtype):
+    x = torch.randn(batch, 3, *size).to(dtype)
+    before = x.clone()
+    out = tokenize(x, levels, grid, color)
+    oracle = ref.wavelet_tokenize(x.double(), levels, grid, color)
+    same = ref.wavelet_tokenize(x, levels, grid, color)
+    assert len(out) == levels + 1
+    for o, e, r in zip(out, oracle, same):
+        assert o.is_contiguous()
+        assert_close_to_oracle(o, e, r, dtype)
+    assert torch.equal(x, before), "the images were written"
+
+
+@pytest.mark.parametrize(
+    "dtype,out_dtype",
+    [
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float64),
+        (torch.float32, torch.float16),
+    ],
+)
+def test_tokenize_honours_out_dtype(dtype, out_dtype):
+    x = torch.randn(2, 3, 24, 40).to(dtype)
+    out = tokenize(x, 2, (3, 5), "ycbcr", out_dtype)
+    oracle = ref.wavelet_tokenize(x.double(), 2, (3, 5), "ycbcr")
+    same = ref.wavelet_tokenize(x, 2, (3, 5), "ycbcr", out_dtype)
+    for o, e, r in zip(out, oracle, same):
+        assert_close_to_oracle(o, e, r, out_dtype)
+
+
+def _layouts(x):
+    """The same images stored transposed, channels-last, and as a strided window of a larger buffer."""
+    B, C, H, W = x.shape
+    window = torch.full((B, C + 1, H + 3, 2 * W + 1), SENTINEL, dtype=x.dtype)[:, 1:, 1 : H + 1, 1::2]
+    window.copy_(x)
+    return {
+        "transposed": non_contiguous(x),
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "window": window,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "window"])
+def test_tokenize_non_contiguous_input(layout, dtype):
+    x = torch.randn(2, 3, 24, 36).to(dtype)
+    strided = _layouts(x)[layout]
+    assert not strided.is_contiguous()
+    for o, e in zip(tokenize(strided, 2, (3, 3), "ycbcr"), tokenize(x, 2, (3, 3), "ycbcr")):
+        assert torch.equal(o, e)
+
+
+def test_auto_and_public_api_use_the_extension():
+    assert wk.resolve_impl("auto", "wavelet_tokenize", torch.device("cpu")) == "cpu"
+    assert wk.resolve_impl("auto", "wavelet_detokenize", torch.device("cpu")) == "cpu"
+    assert wk.resolve_impl("auto", "attention_with_kv_append", torch.device("cpu")) == "cpu"
+    x = torch.randn(2, 3, 32, 48)
+    out = wk.wavelet_tokenize(x, 2, (2, 3), impl="cpu")
+    for o, e in zip(out, ref.wavelet_tokenize(x, 2, (2, 3))):
+        assert max_err(o, e) <= 1e-5
+    back = wk.wavelet_detokenize(out, 2, (2, 3), image_size=(32, 48), impl="cpu")
+    assert max_err(back, x) <= 1e-5
+
+
+def test_opcheck_with_the_extension():
+    x = torch.randn(2, 3, 16, 24)
+    torch.library.opcheck(_library.wavelet_tokenize, (x, 2, [2, 3], "ycbcr", torch.float32, "cpu"))
+    tokens = ref.wavelet_tokenize(x, 2, (2, 3))
+    torch.library.opcheck(_library.wavelet_detokenize, (tokens, 2, [2, 3], "ycbcr", [16, 24], "cpu"))
+    q, k, v = (torch.randn(2, 2, 3, 8) for _ in range(3))
+    caches = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    args = (q, k, v, *caches, torch.tensor([2, 5]), torch.tensor([2, 0]), 0.3, "cpu")
+    torch.library.opcheck(_library.attention_with_kv_append, args)
+
+
+# ------------------------------------------------------------------------------------- inverse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels,grid,size,color,batch", CASES)
+def test_detokenize_matches_reference(levels, grid, size, color, batch, dtype):
+    x = torch.randn(batch, 3, *size)
+    tokens = [t.to(dtype) for t in ref.wavelet_tokenize(x, levels, grid, color)]
+    out = extension.wavelet_detokenize(tokens, levels, grid, color, size)
+    oracle = ref.wavelet_detokenize([t.double() for t in tokens], levels, grid, color, size)
+    same = ref.wavelet_detokenize(tokens, levels, grid, color, size)
+    assert out.is_contiguous()
+    assert_close_to_oracle(out, oracle, same, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_detokenize_non_contiguous_tokens(dtype):
+    x = torch.randn(2, 3, 24, 36, dtype=torch.float64)
+    tokens = [t.to(dtype) for t in ref.wavelet_tokenize(x, 2, (3, 3), "ycbcr")]
+    strided = []
+    for t in tokens:
+        big = torch.full((t.shape[0], t.shape[1], 2 * t.shape[2]), SENTINEL, dtype=dtype)
+        big[:, :, ::2] = t
+        strided.append(big[:, :, ::2] if len(strided) % 2 else non_contiguous(t))
+    assert not any(t.is_contiguous() for t in strided)
+    expected = extension.wavelet_detokenize(tokens, 2, (3, 3), "ycbcr", (24, 36))
+    assert torch.equal(extension.wavelet_detokenize(strided, 2, (3, 3), "ycbcr", (24, 36)), expected)
+
+
+@pytest.mark.parametrize("color", ["ycbcr", "rgb"])
+def test_round_trip_is_exact_in_float64(color):
+    x = torch.randn(3, 3, 40, 56, dtype=torch.float64)
+    tokens = tokenize(x, 3, (5, 7), color)
+    assert max_err(extension.wavelet_detokenize(tokens, 3, (5, 7), color, (40, 56)), x) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- attention with KV append
+
+
+def _kv_case(dtype, B=3, H=2, n=4, D=16, B_cache=5, n_max=24, pad=3):
+    q, k_new, v_new = (torch.randn(B, H, n, D).to(dtype) for _ in range(3))
+    k_cache, k_buf, k_mask = guarded((B_cache, H, n_max, D), dtype, dim=2, pad=pad)
+    v_cache, v_buf, v_mask = guarded((B_cache, H, n_max, D), dtype, dim=2, pad=pad)
+    k_cache.copy_(torch.randn(B_cache, H, n_max, D))
+    v_cache.copy_(torch.randn(B_cache, H, n_max, D))
+    return q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask)
+
+
+def _concat_sdpa(q, k_new, v_new, k_cache, v_cache, lens, rows, scale, dtype=None):
+    """The same attention through torch.cat + SDPA, row by row (the caches are only read)."""
+    out = []
+    for b, (r, c) in enumerate(zip(rows, lens)):
+        k = torch.cat([k_cache[r, :, :c], k_new[b]], dim=1)
+        v = torch.cat([v_cache[r, :, :c], v_new[b]], dim=1)
+        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
+        out.append(torch.nn.functional.scaled_dot_product_attention(cast(q[b]), cast(k), cast(v), scale=scale))
+    return torch.stack(out) if out else torch.empty(q.shape, dtype=dtype or q.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lens,batch_index",
+    [
+        ([3, 0, 20], [4, 0, 2]),  # ragged lengths, permuted rows, the last row filled to N_max
+        ([5, 5, 5], None),  # one SDPA call over rows 0..2
+        ([7, 7, 7], [1, 2, 3]),  # one SDPA call over rows 1..3
+        ([0, 9, 2], None),
+    ],
+)
+def test_kv_append_matches_concat_sdpa(lens, batch_index, dtype):
+    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(dtype)
+    rows = batch_index or list(range(len(lens)))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    index = None if batch_index is None else torch.tensor(batch_index)
+    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, torch.tensor(lens), index, 0.3)
+
+    expected_k, expected_v = k_before.clone(), v_before.clone()
+    for b, (r, c) in enumerate(zip(rows, lens)):
+        expected_k[r, :, c : c + 4] = k_new[b]
+        expected_v[r, :, c : c + 4] = v_new[b]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert_guard_intact(k_buf, k_mask)
+    assert_guard_intact(v_buf, v_mask)
+
+    oracle = _concat_sdpa(q, k_new, v_new, k_before, v_before, lens, rows, 0.3, torch.float64)
+    same = _concat_sdpa(q, k_new, v_new, k_before, v_before, lens, rows, 0.3)
+    assert out.is_contiguous()
+    assert_close_to_oracle(out, oracle, same, dtype)
+
+
+def test_kv_append_int32_lens_non_contiguous_inputs():
+    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(torch.float32)
+    q, k_new, v_new = non_contiguous(q), non_contiguous(k_new), non_contiguous(v_new)
+    lens = torch.tensor([1, 6, 2], dtype=torch.int32)
+    index = torch.tensor([3, 1, 0], dtype=torch.int32)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, lens, index, 0.25)
+    expected = ref.attention_with_kv_append(q, k_new, v_new, k_ref, v_ref, lens, index, 0.25)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert max_err(out, expected) <= 1e-5
+    assert_guard_intact(k_buf, k_mask)
+    assert_guard_intact(v_buf, v_mask)
+
+
+def test_kv_append_empty_batch_writes_nothing():
+    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, _, _) = _kv_case(torch.float32, B=0)
+    before = k_cache.clone()
+    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, torch.zeros(0, dtype=torch.long), None, 1.0)
+    assert out.shape == q.shape
+    assert torch.equal(k_cache, before)
+    assert_guard_intact(k_buf, k_mask)
+
+
+# ------------------------------------------------------------------------------ thread independence
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(3, 3, 48, 72)
+    q, k_new, v_new, (k_cache, _, _), (v_cache, _, _) = _kv_case(torch.float32, B=3, n=5, D=8)
+    lens, index = torch.tensor([4, 0, 11]), torch.tensor([2, 4, 0])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            tokens = tokenize(x, 2, (3, 3), "ycbcr")
+            image = extension.wavelet_detokenize(tokens, 2, (3, 3), "ycbcr", (48, 72))
+            kc, vc = k_cache.clone(), v_cache.clone()
+            out = extension.attention_with_kv_append(q, k_new, v_new, kc, vc, lens, index, 0.5)
+            results.append([*tokens, image, out, kc, vc])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ------------------------------------------------------------------------ bad input from Python to _C
+
+
+def _tok_args(**change):
+    args = dict(images=torch.randn(1, 3, 16, 16), levels=2, grid_h=2, grid_w=2, color="ycbcr", out_dtype=torch.float32)
+    return {**args, **change}
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"images": torch.randn(3, 16, 16)}, ValueError, r"images must have shape \(B, 3, H, W\)"),
+        ({"images": torch.randn(1, 4, 16, 16)}, ValueError, "images must have 3 channels"),
+        ({"images": torch.randint(0, 9, (1, 3, 16, 16))}, TypeError, "images must be float16, bfloat16"),
+        ({"images": torch.randn(1, 3, 16, 16, device="meta")}, ValueError, "images must be a CPU or CUDA tensor"),
+        ({"images": torch.randn(1, 3, 12, 16)}, ValueError, "image height 12 must be a positive multiple"),
+        ({"images": torch.randn(1, 3, 16, 20)}, ValueError, "image width 20 must be a positive multiple"),
+        ({"levels": 0}, ValueError, "levels must be in"),
+        ({"levels": 64}, ValueError, "levels must be in"),
+        ({"grid_w": 0}, ValueError, "grid must be positive"),
+        ({"color": "hsv"}, ValueError, 'color must be "ycbcr" or "rgb"'),
+        ({"out_dtype": torch.int8}, TypeError, "out_dtype must be"),
+    ],
+)
+def test_tokenize_bad_input_is_a_python_exception(change, error, match):
+    with pytest.raises(error, match=match):
+        _C.wavelet_tokenize(**_tok_args(**change))
+
+
+def test_detokenize_bad_input_is_a_python_exception():
+    tokens = ref.wavelet_tokenize(torch.randn(1, 3, 16, 16), 2, (2, 2))
+    with pytest.raises(ValueError, match="tokens must hold levels \\+ 1 = 4 tensors"):
+        _C.wavelet_detokenize(tokens, 3, 2, 2, "ycbcr", 16, 16)
+    with pytest.raises(ValueError, match=r"tokens\[1\] must have shape \(1, 4, 36\)"):
+        _C.wavelet_detokenize([tokens[0], tokens[2], tokens[1]], 2, 2, 2, "ycbcr", 16, 16)
+    with pytest.raises(TypeError, match=r"tokens\[2\] has dtype Double but tokens\[0\] has Float"):
+        _C.wavelet_detokenize([tokens[0], tokens[1], tokens[2].double()], 2, 2, 2, "ycbcr", 16, 16)
+    with pytest.raises(ValueError, match=r"tokens\[0\] must have shape \(B, Gh\*Gw, dim\)"):
+        _C.wavelet_detokenize([tokens[0][0], tokens[1], tokens[2]], 2, 2, 2, "ycbcr", 16, 16)
+    with pytest.raises(ValueError, match="image width 20"):
+        _C.wavelet_detokenize(tokens, 2, 2, 2, "ycbcr", 16, 20)
+    with pytest.raises(TypeError):
+        _C.wavelet_detokenize([tokens[0], None, tokens[2]], 2, 2, 2, "ycbcr", 16, 16)
+
+
+def _kv_args(**change):
+    q = torch.randn(2, 2, 3, 4)
+    args = dict(
+        q=q,
+        k_new=torch.randn(2, 2, 3, 4),
+        v_new=torch.randn(2, 2, 3, 4),
+        k_cache=torch.randn(3, 2, 8, 4),
+        v_cache=torch.randn(3, 2, 8, 4),
+        cache_lens=torch.tensor([0, 1]),
+        batch_index=None,
+        scale=0.5,
+    )
+    return {**args, **change}
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"k_cache": torch.randn(3, 2, 8, 4).double()}, TypeError, "k_cache has dtype Double but q has Float"),
+        ({"q": torch.randn(2, 2, 3, 4).half()}, TypeError, "k_new has dtype Float but q has Half"),
+        ({"v_new": torch.randn(2, 2, 2, 4)}, ValueError, "must have q's shape"),
+        ({"k_cache": torch.randn(3, 2, 8)}, ValueError, r"k_cache must have shape \(B_cache, H, N_max, D\)"),
+        ({"v_cache": torch.randn(3, 2, 9, 4)}, ValueError, "must have one shape"),
+        ({"k_cache": torch.randn(3, 1, 8, 4), "v_cache": torch.randn(3, 1, 8, 4)}, ValueError, "in heads"),
+        ({"k_cache": torch.randn(3, 2, 8, 4, device="meta")}, ValueError, "k_cache must be a CPU or CUDA tensor"),
+        ({"cache_lens": torch.tensor([0, 6])}, ValueError, r"cache overflow: row 1 \(cache row 1\) has cache_lens=6"),
+        ({"cache_lens": torch.tensor([-1, 0])}, ValueError, "cache overflow: row 0"),
+        ({"cache_lens": torch.tensor([0, 2**62])}, ValueError, "cache overflow: row 1"),
+        ({"cache_lens": torch.tensor([0.0, 1.0])}, TypeError, "cache_lens must hold int32 or int64"),
+        ({"cache_lens": torch.tensor([0])}, ValueError, r"cache_lens must have shape \(2,\)"),
+        ({"batch_index": torch.tensor([1, 1])}, ValueError, "batch_index has the cache row 1 twice"),
+        ({"batch_index": torch.tensor([0, 3])}, ValueError, r"batch_index\[1\] = 3 must lie in \[0, 3\)"),
+        ({"q": torch.randn(4, 2, 3, 4), "k_new": torch.randn(4, 2, 3, 4), "v_new": torch.randn(4, 2, 3, 4),
+          "cache_lens": torch.zeros(4, dtype=torch.long)}, ValueError, "pass batch_index"),
+    ],
+)
+def test_kv_append_bad_input_is_a_python_exception_and_writes_nothing(change, error, match):
+    args = _kv_args(**change)
+    before = args["k_cache"].clone(), args["v_cache"].clone()
+    with pytest.raises(error, match=match):
+        _C.attention_with_kv_append(**args)
+    if args["k_cache"].device.type == "cpu" and args["k_cache"].shape == args["v_cache"].shape:
+        assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
+
+
+def test_cuda_tensor_without_cuda_build_is_a_python_exception():
+    if _C.has_cuda():
+        pytest.skip("this build has the CUDA kernels")
+    assert extension.unavailable_reason("wavelet_tokenize", "cuda") == "the extension was built without CUDA"
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and not isinstance(_C, ImportError) and _C.has_cuda()),
+    reason="needs a CUDA device and a CUDA build of the extension",
+)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels,grid,size,color,batch", [*CASES, (5, (1, 1), (64, 96), "ycbcr", 2)])
+def test_cuda_tokenize_and_inverse_match_reference(levels, grid, size, color, batch, dtype):
+    x = torch.randn(batch, 3, *size).to(dtype)
+    for images in (x, _layouts(x)["channels_last"]):
+        out = extension.wavelet_tokenize(images.cuda(), levels, grid, color, dtype)
+        oracle = ref.wavelet_tokenize(x.double(), levels, grid, color)
+        same = ref.wavelet_tokenize(x, levels, grid, color)
+        for o, e, r in zip(out, oracle, same):
+            assert_close_to_oracle(o.cpu(), e, r, dtype)
+    tokens = [t.to(dtype) for t in ref.wavelet_tokenize(x.double(), levels, grid, color)]
+    for toks in (tokens, [non_contiguous(t) for t in tokens]):
+        back = extension.wavelet_detokenize([t.cuda() for t in toks], levels, grid, color, size)
+        oracle = ref.wavelet_detokenize([t.double() for t in tokens], levels, grid, color, size)
+        same = ref.wavelet_detokenize(tokens, levels, grid, color, size)
+        assert_close_to_oracle(back.cpu(), oracle, same, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 6])  # 16-byte rows for every dtype; element-wise rows
+def test_cuda_kv_append_matches_cpu(dtype, D):
+    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(dtype, D=D)
+    lens, index = torch.tensor([3, 0, 20]), torch.tensor([4, 0, 2])
+    k_cpu, v_cpu = k_cache.clone(), v_cache.clone()
+    expected = extension.attention_with_kv_append(q, k_new, v_new, k_cpu, v_cpu, lens, index, 0.3)
+    kb, vb = k_buf.cuda(), v_buf.cuda()
+    pad = 3
+    kc, vc = kb[:, :, pad : pad + 24], vb[:, :, pad : pad + 24]
+    out = extension.attention_with_kv_append(
+        q.cuda(), k_new.cuda(), v_new.cuda(), kc, vc, lens.cuda(), index.cuda(), 0.3
+    )
+    assert torch.equal(kc.cpu(), k_cpu) and torch.equal(vc.cpu(), v_cpu)
+    assert_guard_intact(kb.cpu(), k_mask)
+    assert_guard_intact(vb.cpu(), v_mask)
+    oracle = _concat_sdpa(q, k_new, v_new, k_cache, v_cache, [3, 0, 20], [4, 0, 2], 0.3, torch.float64)
+    same = _concat_sdpa(q.cuda(), k_new.cuda(), v_new.cuda(), k_cache.cuda(), v_cache.cuda(), [3, 0, 20], [4, 0, 2], 0.3)
+    assert_close_to_oracle(out.cpu(), oracle, same.cpu(), dtype)
