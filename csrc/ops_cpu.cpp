@@ -15,6 +15,9 @@
 #include <c10/util/Half.h>
 
 #include <omp.h>
+#ifdef __SSE2__
+#include <immintrin.h>
+#endif
 
 #include <cstring>
 #include <type_traits>
@@ -113,6 +116,22 @@ void convert_run(const acc_t* __restrict src, void* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>(src[j]);
 }
 
+// Same-type runs bypass the cache (non-temporal stores) when aligned: the tokens are written once
+// and not read back, so this saves reading every destination line before writing it.
+template <>
+void convert_run<float, float>(const float* __restrict src, void* dst, int64_t n) {
+  float* o = static_cast<float*>(dst);
+#ifdef __SSE2__
+  if (reinterpret_cast<uintptr_t>(o) % 16 == 0) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) _mm_stream_ps(o + j, _mm_loadu_ps(src + j));
+    for (; j < n; ++j) o[j] = src[j];
+    return;
+  }
+#endif
+  std::memcpy(o, src, n * sizeof(float));
+}
+
 template <typename acc_t>
 using ConvertFn = void (*)(const acc_t*, void*, int64_t);
 
@@ -162,7 +181,7 @@ void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std
     for (int k = 0; k < 3; ++k) m[i][k] = static_cast<acc_t>(md[i][k]);
 
   const at::ScalarType out_type = out[0].scalar_type();
-  const bool direct = out_type == c10::CppTypeToScalarType<acc_t>::value;
+  const bool direct = false;
   const ConvertFn<acc_t> store = converter<acc_t>(out_type);
   const int64_t out_size = out[0].element_size();
   std::vector<char*> dst(L + 1);  // stage s: (B, G, dim_s) contiguous

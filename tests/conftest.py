@@ -1,12 +1,18 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
-before the test modules import the kernels: Triton's kernels then run on CPU tensors."""
+"""Shared fixtures.
+
+Without a GPU, Triton's kernels run on CPU tensors under its interpreter. TRITON_INTERPRET is read
+when a @triton.jit kernel is defined, so it is set here, before the test modules import the kernels
+(importing torch does not import Triton). On a CUDA machine it is left alone, so the GPU tests run
+compiled kernels; set TRITON_INTERPRET=1 yourself to force the interpreter there.
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -236,7 +236,8 @@ def test_kv_append_int32_lens_non_contiguous_inputs():
 def test_kv_append_empty_batch_writes_nothing():
     q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, _, _) = _kv_case(torch.float32, B=0)
     before = k_cache.clone()
-    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, torch.zeros(0, dtype=torch.long), None, 1.0)
+    lens = torch.zeros(0, dtype=torch.long)
+    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, lens, None, 1.0)
     assert out.shape == q.shape
     assert torch.equal(k_cache, before)
     assert_guard_intact(k_buf, k_mask)
@@ -341,8 +342,16 @@ def _kv_args(**change):
         ({"cache_lens": torch.tensor([0])}, ValueError, r"cache_lens must have shape \(2,\)"),
         ({"batch_index": torch.tensor([1, 1])}, ValueError, "batch_index has the cache row 1 twice"),
         ({"batch_index": torch.tensor([0, 3])}, ValueError, r"batch_index\[1\] = 3 must lie in \[0, 3\)"),
-        ({"q": torch.randn(4, 2, 3, 4), "k_new": torch.randn(4, 2, 3, 4), "v_new": torch.randn(4, 2, 3, 4),
-          "cache_lens": torch.zeros(4, dtype=torch.long)}, ValueError, "pass batch_index"),
+        (
+            {
+                "q": torch.randn(4, 2, 3, 4),
+                "k_new": torch.randn(4, 2, 3, 4),
+                "v_new": torch.randn(4, 2, 3, 4),
+                "cache_lens": torch.zeros(4, dtype=torch.long),
+            },
+            ValueError,
+            "pass batch_index",
+        ),
     ],
 )
 def test_kv_append_bad_input_is_a_python_exception_and_writes_nothing(change, error, match):
@@ -396,7 +405,7 @@ def test_cuda_kv_append_matches_cpu(dtype, D):
     q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(dtype, D=D)
     lens, index = torch.tensor([3, 0, 20]), torch.tensor([4, 0, 2])
     k_cpu, v_cpu = k_cache.clone(), v_cache.clone()
-    expected = extension.attention_with_kv_append(q, k_new, v_new, k_cpu, v_cpu, lens, index, 0.3)
+    extension.attention_with_kv_append(q, k_new, v_new, k_cpu, v_cpu, lens, index, 0.3)  # the expected caches
     kb, vb = k_buf.cuda(), v_buf.cuda()
     pad = 3
     kc, vc = kb[:, :, pad : pad + 24], vb[:, :, pad : pad + 24]
@@ -407,5 +416,6 @@ def test_cuda_kv_append_matches_cpu(dtype, D):
     assert_guard_intact(kb.cpu(), k_mask)
     assert_guard_intact(vb.cpu(), v_mask)
     oracle = _concat_sdpa(q, k_new, v_new, k_cache, v_cache, [3, 0, 20], [4, 0, 2], 0.3, torch.float64)
-    same = _concat_sdpa(q.cuda(), k_new.cuda(), v_new.cuda(), k_cache.cuda(), v_cache.cuda(), [3, 0, 20], [4, 0, 2], 0.3)
+    on_gpu = (t.cuda() for t in (q, k_new, v_new, k_cache, v_cache))
+    same = _concat_sdpa(*on_gpu, [3, 0, 20], [4, 0, 2], 0.3)
     assert_close_to_oracle(out.cpu(), oracle, same.cpu(), dtype)
