@@ -1,12 +1,13 @@
 // CPU kernels (OpenMP): the fused wavelet tokenizer, its inverse, and the KV-cache append scatter.
 //
-// Tokenizer: one pass over the image. The unit of work is one (image, grid cell) tile, whose Haar
-// pyramid is self-contained: the tile is read once (colour transform on the way in), every level is
-// computed in a thread-local scratch that stays in cache, and each stage's token for the cell is
-// written once. A cell's token of stage s is one contiguous run of 9*Ph*Pw features laid out
-// (channel, band, py, px), which is exactly the layout a level produces, so when the token dtype is
-// the compute dtype the level writes straight into the output. The arithmetic of every element is
-// fixed by the tile alone: results do not depend on the number of threads.
+// Tokenizer: one pass over the image. The unit of work is one (image, grid row): its ch image rows
+// are read once, row by row, and colour-mixed into a thread-local scratch; then each grid cell of
+// the row, whose Haar pyramid is self-contained, runs all L levels in cache and writes every
+// stage's token for the cell once. A cell's token of stage s is one contiguous run of 9*Ph*Pw
+// features laid out (channel, band, py, px), exactly the layout a level produces, so it is copied
+// out as one run (non-temporal stores when the dtype is the compute dtype). The arithmetic of every
+// element is fixed by its cell alone: results do not depend on the number of threads. The inverse
+// mirrors it.
 #include "waveclip.h"
 
 #include <ATen/Parallel.h>
@@ -116,20 +117,35 @@ void convert_run(const acc_t* __restrict src, void* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>(src[j]);
 }
 
-// Same-type runs bypass the cache (non-temporal stores) when aligned: the tokens are written once
-// and not read back, so this saves reading every destination line before writing it.
+// Same-dtype runs bypass the cache with non-temporal stores when the destination is 16-byte aligned:
+// tokens are written once and not read back, so no destination line has to be read first.
 template <>
 void convert_run<float, float>(const float* __restrict src, void* dst, int64_t n) {
   float* o = static_cast<float*>(dst);
+  int64_t j = 0;
 #ifdef __SSE2__
-  if (reinterpret_cast<uintptr_t>(o) % 16 == 0) {
-    int64_t j = 0;
+  if (reinterpret_cast<uintptr_t>(o) % 16 == 0)
     for (; j + 4 <= n; j += 4) _mm_stream_ps(o + j, _mm_loadu_ps(src + j));
-    for (; j < n; ++j) o[j] = src[j];
-    return;
-  }
 #endif
-  std::memcpy(o, src, n * sizeof(float));
+  for (; j < n; ++j) o[j] = src[j];
+}
+
+template <>
+void convert_run<double, double>(const double* __restrict src, void* dst, int64_t n) {
+  double* o = static_cast<double*>(dst);
+  int64_t j = 0;
+#ifdef __SSE2__
+  if (reinterpret_cast<uintptr_t>(o) % 16 == 0)
+    for (; j + 2 <= n; j += 2) _mm_stream_pd(o + j, _mm_loadu_pd(src + j));
+#endif
+  for (; j < n; ++j) o[j] = src[j];
+}
+
+// Makes this thread's non-temporal stores visible before the op returns.
+inline void store_fence() {
+#ifdef __SSE2__
+  _mm_sfence();
+#endif
 }
 
 template <typename acc_t>
@@ -180,9 +196,7 @@ void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) m[i][k] = static_cast<acc_t>(md[i][k]);
 
-  const at::ScalarType out_type = out[0].scalar_type();
-  const bool direct = false;
-  const ConvertFn<acc_t> store = converter<acc_t>(out_type);
+  const ConvertFn<acc_t> store = converter<acc_t>(out[0].scalar_type());
   const int64_t out_size = out[0].element_size();
   std::vector<char*> dst(L + 1);  // stage s: (B, G, dim_s) contiguous
   std::vector<int64_t> row_bytes(L + 1);
@@ -219,16 +233,16 @@ void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std
         const int64_t s = L - lv + 1;
         char* token = dst[s] + cell * row_bytes[s];
         acc_t* approx = ping[(lv - 1) % 2];
-        if (lv == L && direct) approx = reinterpret_cast<acc_t*>(dst[0] + cell * row_bytes[0]);
-        haar_level(src, h, w, stride, approx, direct ? reinterpret_cast<acc_t*>(token) : bands);
-        if (!direct) store(bands, token, 9 * (h / 2) * (w / 2));
+        haar_level(src, h, w, stride, approx, bands);
+        store(bands, token, 9 * (h / 2) * (w / 2));
         src = approx;
         h /= 2;
         w /= 2;
         stride = w;
       }
-      if (!direct) store(src, dst[0] + cell * row_bytes[0], g.dim(0));
+      store(src, dst[0] + cell * row_bytes[0], g.dim(0));
     }
+    store_fence();
   });
 }
 

@@ -153,7 +153,11 @@ def main(argv=None) -> None:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_demo(out_dir)
-    classification_demo(out_dir, args.teacher_weights, args.thresholds and tuple(args.thresholds), args.impl)
+    thresholds = tuple(args.thresholds) if args.thresholds else None
+    try:
+        classification_demo(out_dir, args.teacher_weights, thresholds, args.impl)
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

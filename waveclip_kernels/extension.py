@@ -64,5 +64,6 @@ def wavelet_detokenize(tokens: list, levels: int, grid: tuple[int, int], color: 
 
 def attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale: float):
     """Writes k_new/v_new (B, H, n, D) into the caches at [c, c+n) of each row (in place), then
-    attends q to each row's prefix with ATen's SDPA on views of the caches. Returns (B, H, n, D)."""
+    attends q to each row's prefix on views of the caches through ATen (matmul + softmax on the CPU,
+    whose result does not depend on the thread count; SDPA on CUDA). Returns (B, H, n, D)."""
     return _ext().attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
