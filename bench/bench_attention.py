@@ -253,7 +253,7 @@ def _measure(p: dict, check, device, budget_s: float, flush_l2: bool, prepare=No
         timing = common.time_fn(p["fn"], device, budget_s=budget_s, flush_l2=flush_l2)
     if p["provider"] == "flex_compiled":
         row["note"] += f"; first call incl. compile {first_s:.1f} s"
-    return row | {"ms": timing.ms, "ms_min": timing.ms_min, "reps": timing.reps}
+    return row | {"ms": timing.ms, "ms_min": timing.ms_min, "cpu_ms": timing.cpu_ms, "reps": timing.reps}
 
 
 def _error(got: torch.Tensor, expected: torch.Tensor) -> float:

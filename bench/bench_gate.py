@@ -87,13 +87,19 @@ def run(
     base = {"bench": "gate", "case": case, "preset": preset, "batch": batch, "dtype": common.dtype_name(x.dtype)}
     if teacher is not None:
         with torch.inference_mode():
-            timing = common.time_fn(lambda: teacher(x), device, warmup=1, min_reps=3, budget_s=budget_s)
+            timing = common.time_fn(lambda: teacher(x), device, warmup=1, min_reps=5, budget_s=budget_s)
         teacher_ms = timing.ms
         gflops = teacher_gflops_analytic(config)
         rows.append(
             base
             | {"provider": f"teacher {config.teacher} encode_image", "backend": "open_clip", "status": "ok"}
-            | {"ms": timing.ms, "ms_min": timing.ms_min, "reps": timing.reps, "images_per_s": batch * 1e3 / timing.ms}
+            | {
+                "ms": timing.ms,
+                "ms_min": timing.ms_min,
+                "cpu_ms": timing.cpu_ms,
+                "reps": timing.reps,
+                "images_per_s": batch * 1e3 / timing.ms,
+            }
             | {"exits": "", "mean_exit": "", "mean_gflops": gflops, "speedup_vs_teacher": 1.0, "note": "random weights"}
         )
     if thresholds is None:
@@ -105,9 +111,15 @@ def run(
         classifier = ZeroShotClassifier(model, classes, thresholds=[tau] * config.levels)
         predictions = classifier.predict(x)
         counts = Counter(p.exit_stage for p in predictions)
-        timing = common.time_fn(lambda c=classifier: c.predict(x), device, warmup=1, min_reps=3, budget_s=budget_s)
+        timing = common.time_fn(lambda c=classifier: c.predict(x), device, warmup=1, min_reps=5, budget_s=budget_s)
         row = base | {"provider": f"gate tau={tau:.4g}", "backend": backend, "status": "ok", "threshold": tau}
-        row |= {"ms": timing.ms, "ms_min": timing.ms_min, "reps": timing.reps, "images_per_s": batch * 1e3 / timing.ms}
+        row |= {
+            "ms": timing.ms,
+            "ms_min": timing.ms_min,
+            "cpu_ms": timing.cpu_ms,
+            "reps": timing.reps,
+            "images_per_s": batch * 1e3 / timing.ms,
+        }
         row |= {
             "exits": "/".join(str(counts.get(s, 0)) for s in range(config.num_stages)),
             "mean_exit": sum(p.exit_stage for p in predictions) / batch,

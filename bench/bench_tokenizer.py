@@ -121,7 +121,13 @@ def run_case(case: Case, device: torch.device, budget_s: float = 1.0) -> list[di
                 if p["provider"] != "copy":
                     row["max_err"] = max((g.double() - e).abs().max().item() for g, e in zip(got, expected))
                 timing = common.time_fn(p["fn"], device, budget_s=budget_s, flush_l2=True)
-                row |= {"ms": timing.ms, "ms_min": timing.ms_min, "reps": timing.reps, "bytes": nbytes}
+                row |= {
+                    "ms": timing.ms,
+                    "ms_min": timing.ms_min,
+                    "cpu_ms": timing.cpu_ms,
+                    "reps": timing.reps,
+                    "bytes": nbytes,
+                }
                 row |= common.rates(timing.ms, nbytes=nbytes)
             except Exception as err:  # a provider that fails is reported, the others still run
                 row |= {"status": "error", "note": common.first_line(err)}

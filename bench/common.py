@@ -2,8 +2,9 @@
 
 Timing on a GPU uses CUDA events around each call (optionally writing a buffer twice the size of
 L2 between calls so that a memory-bound op cannot read its inputs from cache); on the CPU it is
-the median of `time.perf_counter` intervals. Both warm up first and size the number of repetitions
-to a time budget, so slow baselines do not stall a run.
+the median of `time.perf_counter` intervals, with the process CPU time of each call alongside (on
+a shared machine it moves less than wall time when other work competes for the cores). Both warm
+up first and size the number of repetitions to a time budget, so slow baselines do not stall a run.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 # The impls of waveclip_kernels that may run on each device type; the Triton interpreter is never timed.
 CONCRETE_IMPLS = {"cpu": ("triton", "cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 TRITON_ON_CPU = "excluded on CPU: Triton runs there only under its interpreter, far too slow to time"
-ENV_COLUMNS = ("device", "torch", "triton", "cuda", "python", "threads", "date", "commit")
+ENV_COLUMNS = ("device", "torch", "triton", "cuda", "python", "threads", "load1", "date", "commit")
 
 
 @dataclass
 class Timing:
-    ms: float  # median over the timed repetitions
+    ms: float  # median wall time over the timed repetitions
     ms_min: float
     reps: int
+    cpu_ms: float | None = None  # CPU only: median process CPU time per call (all threads), less load-sensitive
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
@@ -67,7 +69,7 @@ def time_fn(
         flush_l2: GPU only: overwrite a 2x-L2 buffer before every call (memory-bound ops).
 
     Returns:
-        Timing(median ms, min ms, repetitions).
+        Timing(median ms, min ms, repetitions, and on the CPU the median process CPU ms).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -91,13 +93,16 @@ def time_fn(
             end.record()
         sync()
         times = [begin.elapsed_time(end) for begin, end in events]
+        cpu_times = None
     else:
-        times = []
+        times, cpu_times = [], []
         for _ in range(reps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return Timing(ms=statistics.median(times), ms_min=min(times), reps=reps)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
+    cpu_ms = statistics.median(cpu_times) if cpu_times else None
+    return Timing(ms=statistics.median(times), ms_min=min(times), reps=reps, cpu_ms=cpu_ms)
 
 
 def rates(ms: float, flops: float | None = None, nbytes: float | None = None) -> dict:
@@ -190,6 +195,7 @@ def environment(device: str | torch.device) -> dict:
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "load1": f"{os.getloadavg()[0]:.2f}",  # 1-minute load average when the CSV was written (shared machines)
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
     }

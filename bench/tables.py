@@ -18,17 +18,18 @@ from . import common
 LAYOUTS = {
     "tokenizer.csv": (
         "Wavelet tokenizer",
-        [("provider", "provider"), ("backend", "backend"), ("ms", "ms"), ("gbps", "GB/s"),
+        [("provider", "provider"), ("backend", "backend"), ("ms", "ms"), ("cpu_ms", "CPU ms"), ("gbps", "GB/s"),
          ("frac_copy", "of copy"), ("max_err", "max err")],
     ),
     "attention.csv": (
         "Block-causal attention",
-        [("provider", "provider"), ("backend", "backend ran"), ("ms", "ms"), ("tflops", "TFLOP/s"),
-         ("gbps", "GB/s"), ("max_err", "max err")],
+        [("provider", "provider"), ("backend", "backend ran"), ("ms", "ms"), ("cpu_ms", "CPU ms"),
+         ("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("max_err", "max err")],
     ),
     "gate.csv": (
         "Zero-shot classification under the gate",
-        [("provider", "provider"), ("ms", "ms / batch"), ("images_per_s", "images/s"), ("exits", "exits per stage"),
+        [("provider", "provider"), ("ms", "ms / batch"), ("cpu_ms", "CPU ms"), ("images_per_s", "images/s"),
+         ("exits", "exits per stage"),
          ("mean_gflops", "GFLOPs / image"), ("speedup_vs_teacher", "vs teacher")],
     ),
     "flops.csv": (
@@ -79,6 +80,8 @@ def _stamp(rows: list[dict]) -> str:
     parts = [first.get("device", "?"), f"torch {first.get('torch', '?')}", f"Triton {first.get('triton', '?')}"]
     if first.get("threads"):
         parts.append(f"{first['threads']} threads")
+    if first.get("load1"):
+        parts.append(f"load average {first['load1']}")
     parts += [first.get("date", "?"), f"commit {first.get('commit', '?')}"]
     return ", ".join(parts)
 
