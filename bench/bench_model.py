@@ -4,7 +4,7 @@
 
 Same batch, device, dtype, thread count and trunk (random weights, inference mode). Each repetition
 runs, interleaved so that a busy machine slows every contender alike:
-  teacher      open_clip `ViT-B-16` `encode_image`
+  teacher      open_clip `ViT-B-16` image tower (`model.visual`)
   full         `WaveCLIP.forward`: every exit in one block-causal pass
   incremental  `start` then three `refine` calls, timed after each (exit s = start + s refines)
 Three ratios with their targets: full / teacher (<= 1.15), start / teacher (<= 0.35) and
@@ -12,6 +12,10 @@ Three ratios with their targets: full / teacher (<= 1.15), start / teacher (<= 0
 repetition (contenders timed seconds apart, so slow drifts in machine load cancel). Every figure is
 given in wall time and, as a cross-check on a shared machine, in the process's CPU time (all threads),
 which another process's load does not inflate. Also images/s at every exit. Rows go to `model.csv`.
+
+On a machine that other processes keep busy, use fewer threads than cores (`--threads 1` on 2 cores):
+when a core is taken, every parallel op waits at its barrier for a descheduled thread (milliseconds
+per op), which charges each contender by its number of ops rather than by its work.
 """
 
 from __future__ import annotations
@@ -71,9 +75,16 @@ def run(
     device: str = "cpu",
     impl: str = "auto",
     preset: str = "waveclip-vit-b-16",
+    threads: int | None = None,
 ) -> list[dict]:
-    """Time teacher, full pass and incremental pass; write `model.csv` into `out_dir`; return its rows."""
+    """Time teacher, full pass and incremental pass; write `model.csv` into `out_dir`; return its rows.
+
+    `threads` sets torch's intra-op threads for every contender (default: leave torch's setting).
+    """
     import open_clip
+
+    if threads:
+        torch.set_num_threads(threads)
 
     device = torch.device(device)
     config = WaveCLIPConfig.from_preset(preset)
@@ -112,7 +123,7 @@ def run(
             "note": extra,
         }
 
-    rows = [row("teacher (open_clip encode_image)", "teacher", note), row("full pass (all exits)", "full")]
+    rows = [row("teacher (open_clip image tower)", "teacher", note), row("full pass (all exits)", "full")]
     for s in range(config.num_stages):
         rows.append(row("start (exit 0)" if s == 0 else f"start + {s} refine{'s' * (s > 1)} (exit {s})", s))
     last = config.num_stages - 1
@@ -136,9 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="waveclip-vit-b-16")
     parser.add_argument("--threads", type=int, help="torch threads for every contender (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.out, args.batch, args.repeats, device=args.device, impl=args.impl, preset=args.preset)
+    rows = run(args.out, args.batch, args.repeats, 1, args.device, args.impl, args.preset, args.threads)
     env = common.environment(args.device)
     print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, {env['date']}")
     print(common.format_table(rows, COLUMNS))

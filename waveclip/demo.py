@@ -137,7 +137,9 @@ def classification_demo(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    parser.add_argument(
+        "--out", default="outputs", help="folder for reconstructions.png and zeroshot.json (default: outputs)"
+    )
     parser.add_argument(
         "--teacher-weights", metavar="PATH", help="open_clip ViT-B-16 checkpoint file (default: random)"
     )
