@@ -29,7 +29,7 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
 
 bench: $(STAMP)  ## CPU microbenchmarks and end-to-end figures into bench/results/
-	$(PY) -m waveclip.cli bench --out bench/results
+	$(PY) -m waveclip.cli bench --device cpu --threads 1 --out bench/results/cpu
 
 cuda-check: $(STAMP)  ## compile (not run) the CUDA sources so a CUDA compile error fails CI
 	bash bench/cuda_compile_check.sh

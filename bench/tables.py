@@ -34,8 +34,8 @@ LAYOUTS = {
     ),
     "flops.csv": (
         "GFLOPs per exit (1 multiply-add = 2 FLOPs)",
-        [("exit", "exit"), ("tokens", "tokens"), ("gflops", "GFLOPs"), ("gflops_no_layernorm", "without LayerNorm"),
-         ("percent_of_teacher", "% of teacher")],
+        [("preset", "preset"), ("exit", "exit"), ("tokens", "tokens"), ("gflops", "GFLOPs"),
+         ("gflops_no_layernorm", "without LayerNorm"), ("percent_of_teacher", "% of teacher")],
     ),
 }  # fmt: skip
 ORDER = ("tokenizer.csv", "attention.csv", "model.csv", "gate.csv", "flops.csv")
@@ -79,7 +79,7 @@ def _stamp(rows: list[dict]) -> str:
     first = rows[0]
     parts = [first.get("device", "?"), f"torch {first.get('torch', '?')}", f"Triton {first.get('triton', '?')}"]
     if first.get("threads"):
-        parts.append(f"{first['threads']} threads")
+        parts.append(f"torch threads {first['threads']}")
     if first.get("load1"):
         parts.append(f"load average {first['load1']}")
     parts += [first.get("date", "?"), f"commit {first.get('commit', '?')}"]
