@@ -20,3 +20,13 @@ def _seeded():
     """Fresh, reproducible random inputs for each test."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny ops: on a busy 2-core machine, waking a second
+    thread costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ TINY_TEACHER = {
 STEPS = 4  # crosses an epoch boundary: 12 images, global batch 4, 3 steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread wake-up latency on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:
