@@ -14,7 +14,7 @@ $(STAMP): $(SOURCES)
 	touch $(STAMP)
 
 run: $(STAMP)    ## the main job: tokenize, reconstruct and classify the sample photographs
-	$(PY) -m waveclip.demo --out outputs
+	$(PY) -m waveclip_cli.demo --out outputs
 
 test: $(STAMP)   ## the whole test suite (CPU only; Triton under its interpreter)
 	$(PY) -m pytest -q --durations=15
@@ -29,7 +29,7 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
 
 bench: $(STAMP)  ## CPU microbenchmarks and end-to-end figures into bench/results/
-	$(PY) -m waveclip.cli bench --device cpu --threads 1 --out bench/results/cpu
+	$(PY) -m waveclip bench --device cpu --threads 1 --out bench/results/cpu
 
 cuda-check: $(STAMP)  ## compile (not run) the CUDA sources so a CUDA compile error fails CI
 	bash bench/cuda_compile_check.sh

@@ -166,7 +166,7 @@ for op in tokenizer attention model gate; do
     t="$(limit 150)"
     if [[ "$t" == 0 ]]; then echo "SKIPPED $op: the time budget is spent"; BENCH_OK=0; continue; fi
     echo "--- $op (timeout ${t}s)"
-    timeout "$t" "$PY" -m waveclip.cli bench --device cuda --op "$op" --out "$OUT" || { echo "FAILED: bench $op"; BENCH_OK=0; }
+    timeout "$t" "$PY" -m waveclip bench --device cuda --op "$op" --out "$OUT" || { echo "FAILED: bench $op"; BENCH_OK=0; }
 done
 "$PY" -m bench.tables "$OUT" --check-errors || { echo "FAILED: a kernel's error exceeds 2x PyTorch's own"; BENCH_OK=0; }
 

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from waveclip_kernels.common import stage_dims
+
 
 @dataclass
 class WaveCLIPConfig:
@@ -57,10 +59,7 @@ class WaveCLIPConfig:
 
     def stage_dims(self) -> list[int]:
         """Token feature size of every stage, coarse to fine (48, 144, 576, 2304 for the default)."""
-        (H, W), (gh, gw), L = self.image_size, self.grid, self.levels
-        dims = [3 * (H >> L) // gh * ((W >> L) // gw)]
-        dims += [9 * ((H >> lv) // gh) * ((W >> lv) // gw) for lv in range(L, 0, -1)]
-        return dims
+        return stage_dims(self.levels, self.grid, self.image_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

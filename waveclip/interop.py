@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import waveclip_kernels as wk
-from waveclip_kernels.reference.wavelet import color_matrix
+from waveclip_kernels.common import color_matrix
 
 from .config import PRESETS, WaveCLIPConfig
 from .model import WaveCLIP

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .common import stage_dims
 
 
 def backend(impl: str):
@@ -28,20 +29,6 @@ def backend(impl: str):
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def stage_shapes(levels: int, grid: list[int], image_size: list[int]) -> list[tuple[int, int, int]]:
-    """(channels, band height, band width) of every stage, coarse to fine."""
-    H, W = image_size
-    shapes = [(3, H >> levels, W >> levels)]
-    shapes += [(9, H >> lv, W >> lv) for lv in range(levels, 0, -1)]
-    return shapes
-
-
-def stage_dims(levels: int, grid: list[int], image_size: list[int]) -> list[int]:
-    """Token feature size of every stage: channels * (h / Gh) * (w / Gw)."""
-    gh, gw = grid
-    return [c * (h // gh) * (w // gw) for c, h, w in stage_shapes(levels, grid, image_size)]
-
-
 @torch.library.custom_op("waveclip::wavelet_tokenize", mutates_args=())
 def wavelet_tokenize(
     images: Tensor, levels: int, grid: list[int], color: str, out_dtype: torch.dtype, impl: str
@@ -53,7 +40,7 @@ def wavelet_tokenize(
 def _(images, levels, grid, color, out_dtype, impl):
     B, _, H, W = images.shape
     n = grid[0] * grid[1]
-    return [images.new_empty(B, n, d, dtype=out_dtype) for d in stage_dims(levels, grid, [H, W])]
+    return [images.new_empty(B, n, d, dtype=out_dtype) for d in stage_dims(levels, tuple(grid), (H, W))]
 
 
 @torch.library.custom_op("waveclip::wavelet_detokenize", mutates_args=())

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from . import _library
+from .common import FLOAT_DTYPES, image_size_error, normalize_grid, stage_dims
 
 IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 OPS = ("wavelet_tokenize", "wavelet_detokenize", "block_causal_attention", "attention_with_kv_append")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Preference order of "auto" per (op, device type); the first one that runs wins. Triton on the
 # CPU only runs under TRITON_INTERPRET=1 and is far too slow to be picked automatically there.
@@ -110,14 +110,6 @@ def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
-def normalize_grid(grid) -> tuple[int, int]:
-    """An int or an (Gh, Gw) pair of positive ints -> (Gh, Gw)."""
-    pair = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    if len(pair) != 2 or not all(isinstance(g, int) and g > 0 for g in pair):
-        raise ValueError(f"grid must be a positive int or a pair of positive ints, got {grid!r}")
-    return pair
-
-
 def _check_levels(levels) -> None:
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise ValueError(f"levels must be an int >= 1, got {levels!r}")
@@ -130,15 +122,9 @@ def _check_color(color) -> None:
 
 def check_image_size(image_size: tuple[int, int], levels: int, grid: tuple[int, int]) -> None:
     """Raise a ValueError naming the nearest valid sizes when H or W does not tile."""
-    for axis, size, g in (("height", image_size[0], grid[0]), ("width", image_size[1], grid[1])):
-        step = (2**levels) * g
-        if size <= 0 or size % step:
-            lower, upper = (size // step) * step, (size // step + 1) * step
-            nearest = " or ".join(str(s) for s in (lower, upper) if s > 0)
-            raise ValueError(
-                f"image {axis} {size} does not tile: it must be a multiple of 2**levels * grid = "
-                f"2**{levels} * {g} = {step}; nearest valid {axis}s: {nearest}"
-            )
+    message = image_size_error(image_size, levels, grid)
+    if message is not None:
+        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------------------ ops
@@ -198,7 +184,7 @@ def wavelet_detokenize(tokens, levels: int, grid, color: str = "ycbcr", image_si
         image_size = (side * grid[0] << levels, side * grid[1] << levels)
     image_size = tuple(int(s) for s in image_size)
     check_image_size(image_size, levels, grid)
-    dims = _library.stage_dims(levels, list(grid), list(image_size))
+    dims = stage_dims(levels, grid, image_size)
     B = tokens[0].shape[0]
     for s, (t, d) in enumerate(zip(tokens, dims)):
         expected = (B, grid[0] * grid[1], d)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .wavelet import compute_dtype
+from ..common import compute_dtype
 
 
 def block_levels(block_sizes: list[int], device=None) -> torch.Tensor:

@@ -9,27 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# BT.601 luma/chroma matrix without offsets; rows give Y, Cb, Cr from R, G, B.
-YCBCR_FROM_RGB = (
-    (0.299, 0.587, 0.114),
-    (-0.168736, -0.331264, 0.5),
-    (0.5, -0.418688, -0.081312),
-)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (for oracle tests); every other float type is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def color_matrix(color: str, dtype: torch.dtype, device, inverse: bool = False) -> torch.Tensor:
-    """(3, 3) matrix applied to the channel axis; identity for "rgb"."""
-    if color == "rgb":
-        return torch.eye(3, dtype=dtype, device=device)
-    m = torch.tensor(YCBCR_FROM_RGB, dtype=torch.float64)
-    if inverse:
-        m = torch.linalg.inv(m)
-    return m.to(dtype=dtype, device=device)
+from ..common import color_matrix, compute_dtype
 
 
 def apply_color(x: torch.Tensor, color: str, inverse: bool = False) -> torch.Tensor:

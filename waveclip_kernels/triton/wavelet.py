@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.wavelet import color_matrix, compute_dtype
+from ..common import color_matrix, compute_dtype
 
 # A program covers at most MAX_TILE x MAX_TILE pixels (one 2**L square when that is larger): a 32 x 32
 # cell of the default presets is one program, 3 x 1024 values in registers.

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from waveclip import WaveCLIPConfig
-from waveclip.data import DataError, ImageDataset, build_dataset, list_images, split_of
-from waveclip.distill import (
+from waveclip_train.data import DataError, ImageDataset, build_dataset, list_images, split_of
+from waveclip_train.distill import (
     DistillOptions,
     add_arguments,
     cached_teacher_embeddings,
@@ -177,7 +177,7 @@ def test_teacher_cache_keys(tmp_path):
         calls.append(list(idx))
         return torch.stack([torch.full((4,), float(i)) for i in idx])
 
-    from waveclip.distill import Dist
+    from waveclip_train.distill import Dist
 
     emb, fresh = cached_teacher_embeddings(str(tmp_path / "cache"), "teacherA", ds, compute, Dist())
     assert fresh == 5 and calls == [[0, 1, 2, 3, 4]]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model, tiny_teacher
 from open_clip.tokenizer import SimpleTokenizer
-from test_model import tiny_model
-from test_model_interop import tiny_teacher
 
 from waveclip import WaveCLIP, WaveCLIPConfig, ZeroShotClassifier, class_text_embeddings
 from waveclip.flops import exit_gflops

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import waveclip_kernels as wk
 from waveclip import WaveCLIP, WaveCLIPConfig
 
 TINY = WaveCLIPConfig.from_preset("waveclip-tiny")
-
-
-def tiny_model(dtype=torch.float32, **overrides) -> WaveCLIP:
-    config = WaveCLIPConfig.from_preset("waveclip-tiny", **overrides)
-    model = WaveCLIP(config).to(dtype).eval()
-    with torch.no_grad():  # random level embeddings and biases, so that nothing relies on zeros
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 def images(batch, dtype=torch.float32, config=TINY):

@@ -41,7 +41,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _config(preset: str):
-    from .config import WaveCLIPConfig
+    from waveclip.config import WaveCLIPConfig
 
     return WaveCLIPConfig.from_preset(preset)  # ValueError naming the known presets
 
@@ -67,7 +67,7 @@ def _progress(iterable, **kwargs):
 
 
 def _load_images(paths: Sequence[str]):
-    from .images import load_image
+    from waveclip.images import load_image
 
     images = []
     for path in paths:
@@ -81,9 +81,9 @@ def _classifier(args):
     """The WaveCLIP tower, its class embeddings and the lines that say where they came from."""
     import torch
 
-    from .interop import load_teacher
-    from .model import WaveCLIP
-    from .zeroshot import ZeroShotClassifier
+    from waveclip.interop import load_teacher
+    from waveclip.model import WaveCLIP
+    from waveclip.zeroshot import ZeroShotClassifier
 
     notes = []
     if args.checkpoint:
@@ -125,8 +125,8 @@ def _classifier(args):
 
 
 def cmd_classify(args) -> int:
-    from .flops import teacher_gflops_analytic
-    from .images import preprocess
+    from waveclip.flops import teacher_gflops_analytic
+    from waveclip.images import preprocess
 
     if not args.labels:
         raise UserError("--labels needs at least one class name, e.g. --labels cat,dog")
@@ -164,7 +164,7 @@ def cmd_tokenize(args) -> int:
     import waveclip_kernels as wk
 
     from .demo import progressive_reconstructions, save_reconstruction_grid
-    from .images import preprocess
+    from waveclip.images import preprocess
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -192,13 +192,13 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from . import flops
+    from waveclip import flops
 
     config = _config(args.preset)
     teacher, source = flops.teacher_gflops_analytic(config), "analytic"
     fvcore_exits = None
     if args.fvcore:
-        from .model import WaveCLIP
+        from waveclip.model import WaveCLIP
 
         square = config.image_size[0] == config.image_size[1]
         with _progress(None, total=1 + bool(config.teacher and square), desc="fvcore", unit="model") as bar:
@@ -242,24 +242,14 @@ def _write_flops_csv(out, preset: str, rows) -> pathlib.Path:
 
 
 def _bench_module(name: str):
-    """A module of the source tree's bench/ folder (the benchmarks are not part of the installed package)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "common.py").is_file():
-        raise UserError(f"the benchmarks live in the source tree's bench/ folder, not found under {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        return importlib.import_module(f"bench.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"bench.{name}":
-            raise UserError(f"bench/{name}.py is not in this source tree") from err
-        raise
+    """A module of the installed `bench` package (the benchmarks ship with waveclip)."""
+    return importlib.import_module(f"bench.{name}")
 
 
 def cmd_bench(args) -> int:
     import torch
 
-    from .flops import exit_table
+    from waveclip.flops import exit_table
 
     _check_device(args.device)
     if args.threads:
@@ -289,15 +279,15 @@ def cmd_bench(args) -> int:
 
 
 def _delegate(module_name: str, argv: list[str]) -> int:
-    """Run waveclip.<module_name>'s own parser (`add_arguments`) and `run` on the remaining arguments."""
+    """Run waveclip_train.<module_name>'s own parser (`add_arguments`) and `run` on the remaining arguments."""
     try:
-        module = importlib.import_module(f"waveclip.{module_name}")
+        module = importlib.import_module(f"waveclip_train.{module_name}")
     except ModuleNotFoundError as err:
-        if err.name == f"waveclip.{module_name}":
-            raise UserError(f"`{PROG} {module_name}` is not available: waveclip/{module_name}.py is missing") from err
+        if err.name == f"waveclip_train.{module_name}":
+            raise UserError(f"`{PROG} {module_name}` is not available: waveclip_train/{module_name}.py is missing") from err
         raise
     if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
-        raise UserError(f"`{PROG} {module_name}` is not available: waveclip.{module_name} has no add_arguments/run")
+        raise UserError(f"`{PROG} {module_name}` is not available: waveclip_train.{module_name} has no add_arguments/run")
     parser = argparse.ArgumentParser(prog=f"{PROG} {module_name}", description=(module.__doc__ or "").split("\n\n")[0])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)
@@ -307,7 +297,7 @@ def _delegate(module_name: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from waveclip.config import PRESETS
 
     presets = ", ".join(PRESETS)
     parser = argparse.ArgumentParser(

@@ -1,7 +1,7 @@
 """Distil a WaveCLIP student from a frozen open_clip teacher.
 
     waveclip distill --teacher ViT-B-16 --teacher-weights vit_b_16.safetensors --data photos/ --out runs/student
-    torchrun --nproc_per_node 2 -m waveclip.distill --teacher ViT-B-16 ... (the same options, DDP)
+    torchrun --nproc_per_node 2 -m waveclip_cli.distill --teacher ViT-B-16 ... (the same options, DDP)
 
 The student starts as `WaveCLIP.from_open_clip(teacher)`. For every image the loss is, summed over exits s,
 `w_s * (1 - cos(student_s, teacher))`, plus, when class names are given, `kl_weight * T^2 * w_s *
@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import WaveCLIPConfig
+from waveclip.config import WaveCLIPConfig
 from .data import DataError, ImageDataset, add_data_arguments, build_dataset
 
 # Parameters the teacher does not have (or has in another form): they get --lr-new.
@@ -157,7 +157,7 @@ def load_teacher_model(spec: str, weights: str | None) -> tuple[nn.Module, str]:
     """An open_clip model by name, or from a model config file (.json, registered under its file stem)."""
     import open_clip
 
-    from .interop import load_teacher
+    from waveclip.interop import load_teacher
 
     name = spec
     if spec.endswith(".json"):
@@ -471,7 +471,7 @@ def _precision(options: DistillOptions, device: torch.device) -> torch.dtype | N
 
 def student_config(options: DistillOptions, teacher: nn.Module, teacher_name: str) -> WaveCLIPConfig:
     """The preset, with the teacher's trunk sizes and the size overrides."""
-    from .interop import trunk_config
+    from waveclip.interop import trunk_config
 
     overrides = dict(trunk_config(teacher), teacher=teacher_name)
     if options.image_size is not None:
@@ -488,12 +488,12 @@ def distill(options: DistillOptions) -> DistillResult:
     """Run (or resume) a distillation; writes the student into `options.out`.
 
     Raises:
-        DataError: bad data (see waveclip.data), before any step.
+        DataError: bad data (see waveclip_train.data), before any step.
         ValueError: inconsistent options, or a checkpoint that does not match the run.
     """
     from tqdm.auto import tqdm
 
-    from .model import WaveCLIP
+    from waveclip.model import WaveCLIP
 
     t0 = time.perf_counter()
     device = _device(options)
@@ -541,7 +541,7 @@ def distill(options: DistillOptions) -> DistillResult:
     if options.class_names:
         import open_clip
 
-        from .zeroshot import class_text_embeddings
+        from waveclip.zeroshot import class_text_embeddings
 
         tokenizer = open_clip.get_tokenizer(teacher_name)
         class_emb = class_text_embeddings(teacher, tokenizer, list(options.class_names)).float().to(device)
@@ -809,7 +809,7 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `waveclip distill` (and `python -m waveclip.distill`)."""
+    """Options of `waveclip distill` (and `python -m waveclip_cli.distill`)."""
     d = DistillOptions(data=[], out="")
     t = parser.add_argument_group("teacher and student")
     t.add_argument("--teacher", default=d.teacher, help="open_clip model name or model config .json (default ViT-B-16)")

@@ -16,6 +16,7 @@ import waveclip_kernels as wk
 from waveclip_kernels import _library
 from waveclip_kernels import reference as ref
 from waveclip_kernels import triton as tri
+from waveclip_kernels.common import stage_dims
 from waveclip_kernels.triton import attention as tri_attention
 
 # These run Triton on CPU tensors; the compiled GPU versions live in tests/test_triton_gpu.py.
@@ -67,7 +68,7 @@ def test_tokenize_matches_reference(levels, grid, size, color, dtype, out_dtype)
 def test_tokenize_guard_bands_and_strided_outputs():
     levels, grid, size = 2, (2, 3), (16, 36)
     x = torch.randn(1, 3, *size)
-    dims = _library.stage_dims(levels, list(grid), list(size))
+    dims = stage_dims(levels, grid, size)
     views = [guarded((1, 6, d), torch.float32, dim=dim) for d, dim in zip(dims, (2, 1, 0))]
     out = tri.wavelet_tokenize(x, levels, grid, "ycbcr", torch.float32, out=[v for v, _, _ in views])
     for t, e, (view, buffer, mask) in zip(out, ref.wavelet_tokenize(x, levels, grid), views):
@@ -85,7 +86,7 @@ def test_tokenize_guard_bands_and_strided_outputs():
     ],
 )
 def test_detokenize_matches_reference(levels, grid, size, color, dtype):
-    dims = _library.stage_dims(levels, list(grid), list(size))
+    dims = stage_dims(levels, grid, size)
     g = grid[0] * grid[1]
     tokens = [torch.randn(2, g, d, dtype=torch.float64).to(dtype) for d in dims]
     image, buffer, mask = guarded((2, 3, *size), dtype, dim=3)

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from waveclip import flops
-from waveclip.cli import main
 from waveclip.config import WaveCLIPConfig
+from waveclip_cli.main import main
 
 
 def run(capsys, *argv):
@@ -188,13 +188,13 @@ def test_distill_and_calibrate_delegate_their_options(capsys):
 
 
 def test_missing_delegate_module_is_one_line(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "waveclip.calibrate", None)
+    monkeypatch.setitem(sys.modules, "waveclip_train.calibrate", None)
     code, _, err = run(capsys, "calibrate", "--checkpoint", "x")
     assert_one_line_error(code, err, "waveclip calibrate.*not available")
 
 
 def _bench_tables():
-    from waveclip.cli import _bench_module
+    from waveclip_cli.main import _bench_module
 
     return _bench_module("common"), _bench_module("tables")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .images import clip_transform, load_image
+from waveclip.images import clip_transform, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # scikit-image's sample files that are photographs (the rest are drawings, scans of text, masks, ...).

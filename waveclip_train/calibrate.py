@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import WaveCLIPConfig
-from .flops import exit_gflops
+from waveclip.config import WaveCLIPConfig
+from waveclip.flops import exit_gflops
 
 NEVER = 1.01  # a threshold above any margin: nobody exits at that stage
 MAX_COMBINATIONS = 1 << 20  # candidate combinations the search may enumerate
@@ -62,7 +62,7 @@ def exit_scores(embeddings: Tensor, class_embeddings: Tensor, logit_scale: float
     Returns:
         predictions (N, S) int64 and margins (N, S) float32 (top-1 minus top-2 probability).
     """
-    from .zeroshot import ZeroShotClassifier
+    from waveclip.zeroshot import ZeroShotClassifier
 
     if embeddings.dim() != 3:
         raise ValueError(f"embeddings must be (N, stages, D), got {tuple(embeddings.shape)}")
@@ -408,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`waveclip calibrate`: returns the exit code."""
     from .data import DataError, build_dataset
-    from .model import WaveCLIP
+    from waveclip.model import WaveCLIP
 
     if bool(args.data) == bool(args.embeddings):
         print("error: give exactly one of --data and --embeddings", file=sys.stderr)
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
             import open_clip
 
             from .distill import load_teacher_model
-            from .zeroshot import class_text_embeddings
+            from waveclip.zeroshot import class_text_embeddings
 
             names = [n.strip() for n in args.class_names.split(",") if n.strip()]
             if class_names is not None and names != class_names:

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from helpers import tiny_teacher
 
 import waveclip_kernels as wk
 from waveclip import WaveCLIP, WaveCLIPConfig, load_teacher
 from waveclip.interop import _cached_hf_checkpoint, stage_projection_init, trunk_config
 
 TINY = WaveCLIPConfig.from_preset("waveclip-tiny")
-
-
-def tiny_teacher(dtype=torch.float64, quick_gelu=True, seed=0):
-    """A random open_clip CLIP whose vision tower matches the tiny preset: 32 px, 8 px patches, width 32."""
-    torch.manual_seed(seed)
-    vision = CLIPVisionCfg(layers=2, width=32, head_width=16, image_size=32, patch_size=8)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-    model = open_clip.CLIP(TINY.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
-    with torch.no_grad():  # open_clip zero-initialises biases and LayerNorms are identity: make them count
-        for p in model.visual.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.to(dtype).eval()
 
 
 def mean_patch_embedding_per_cell(teacher, x, grid):

@@ -83,7 +83,7 @@ def test_two_processes_match_one(tmp_path):
         assert torch.equal(rank0[k], rank1[k]), k
 
     # One process with the same global batch of 4.
-    from waveclip.distill import add_arguments, distill, options_from_args
+    from waveclip_train.distill import add_arguments, distill, options_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -100,7 +100,7 @@ def test_two_processes_match_one(tmp_path):
 
 def worker(argv) -> int:
     """torchrun entry: run the distillation, then save this rank's weights for the test to compare."""
-    from waveclip.distill import add_arguments, distill, options_from_args
+    from waveclip_train.distill import add_arguments, distill, options_from_args
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dump", required=True)

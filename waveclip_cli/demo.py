@@ -1,6 +1,6 @@
 """The main job: WaveCLIP's tokenizer (and model) on real photographs.
 
-    python -m waveclip.demo --out outputs
+    python -m waveclip_cli.demo --out outputs
 
 Tokenizes scikit-image's sample photographs, prints each stage's token shapes and the
 reconstruction error, and saves a PNG of the images rebuilt coarse to fine. Then classifies the
@@ -19,12 +19,12 @@ import torch
 
 import waveclip_kernels as wk
 
-from .config import PRESETS
-from .flops import teacher_gflops_analytic
-from .images import denormalize, preprocess, sample_images
-from .interop import load_teacher
-from .model import WaveCLIP
-from .zeroshot import ZeroShotClassifier
+from waveclip.config import PRESETS
+from waveclip.flops import teacher_gflops_analytic
+from waveclip.images import denormalize, preprocess, sample_images
+from waveclip.interop import load_teacher
+from waveclip.model import WaveCLIP
+from waveclip.zeroshot import ZeroShotClassifier
 
 LABELS = (
     "astronaut", "cup of coffee", "cat", "rocket", "dog", "car",

@@ -6,7 +6,7 @@ import pywt
 import torch
 
 import waveclip_kernels as wk
-from waveclip_kernels.reference.wavelet import YCBCR_FROM_RGB
+from waveclip_kernels.common import YCBCR_FROM_RGB
 
 CASES = [  # (levels, grid, (H, W))
     (1, (1, 1), (2, 2)),

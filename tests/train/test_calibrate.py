@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from waveclip import WaveCLIP, WaveCLIPConfig, ZeroShotClassifier
-from waveclip.calibrate import (
+from waveclip.flops import exit_gflops
+from waveclip_train.calibrate import (
     NEVER,
     add_arguments,
     calibrate,
@@ -20,7 +21,6 @@ from waveclip.calibrate import (
     gate_exits,
     run,
 )
-from waveclip.flops import exit_gflops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,7 +184,7 @@ def test_cli_writes_thresholds_csv_and_png(tmp_path):
     saved = torch.load(tmp_path / "e.pt", weights_only=True)
     student = WaveCLIP.from_pretrained(ckpt, impl="reference")
     clf = ZeroShotClassifier(student, saved["class_embeddings"], logit_scale=100.0)
-    from waveclip.data import build_dataset
+    from waveclip_train.data import build_dataset
 
     ds = build_dataset([data], student.config.image_size, labels_from_folders=True)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -240,7 +240,7 @@ def test_cli_class_names_through_the_teacher_text_tower(tmp_path, capsys):
             }
         )
     )
-    from waveclip.distill import load_teacher_model
+    from waveclip_train.distill import load_teacher_model
 
     teacher, _ = load_teacher_model(str(teacher_json), None)
     student = WaveCLIP.from_open_clip(teacher, WaveCLIPConfig.from_preset("waveclip-tiny"), impl="reference")
