@@ -18,7 +18,6 @@ import pathlib
 import torch
 
 import waveclip_kernels as wk
-
 from waveclip.config import PRESETS
 from waveclip.flops import teacher_gflops_analytic
 from waveclip.images import denormalize, preprocess, sample_images

@@ -162,9 +162,9 @@ def cmd_classify(args) -> int:
 
 def cmd_tokenize(args) -> int:
     import waveclip_kernels as wk
+    from waveclip.images import preprocess
 
     from .demo import progressive_reconstructions, save_reconstruction_grid
-    from waveclip.images import preprocess
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -284,10 +284,14 @@ def _delegate(module_name: str, argv: list[str]) -> int:
         module = importlib.import_module(f"waveclip_train.{module_name}")
     except ModuleNotFoundError as err:
         if err.name == f"waveclip_train.{module_name}":
-            raise UserError(f"`{PROG} {module_name}` is not available: waveclip_train/{module_name}.py is missing") from err
+            raise UserError(
+                f"`{PROG} {module_name}` is not available: waveclip_train/{module_name}.py is missing"
+            ) from err
         raise
     if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
-        raise UserError(f"`{PROG} {module_name}` is not available: waveclip_train.{module_name} has no add_arguments/run")
+        raise UserError(
+            f"`{PROG} {module_name}` is not available: waveclip_train.{module_name} has no add_arguments/run"
+        )
     parser = argparse.ArgumentParser(prog=f"{PROG} {module_name}", description=(module.__doc__ or "").split("\n\n")[0])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)

@@ -407,8 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`waveclip calibrate`: returns the exit code."""
-    from .data import DataError, build_dataset
     from waveclip.model import WaveCLIP
+
+    from .data import DataError, build_dataset
 
     if bool(args.data) == bool(args.embeddings):
         print("error: give exactly one of --data and --embeddings", file=sys.stderr)
@@ -470,8 +471,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.class_names:
             import open_clip
 
-            from .distill import load_teacher_model
             from waveclip.zeroshot import class_text_embeddings
+
+            from .distill import load_teacher_model
 
             names = [n.strip() for n in args.class_names.split(",") if n.strip()]
             if class_names is not None and names != class_names:

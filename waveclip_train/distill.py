@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from waveclip.config import WaveCLIPConfig
+
 from .data import DataError, ImageDataset, add_data_arguments, build_dataset
 
 # Parameters the teacher does not have (or has in another form): they get --lr-new.
