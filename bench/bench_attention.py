@@ -16,7 +16,7 @@ Incremental step (stage s of n new tokens joins a cache already holding c = s*n)
   waveclip:<impl>     `attention_with_kv_append`: append in place and attend, one call
   copy+sdpa           `copy_` k/v into the cache, then SDPA without mask on the prefix [0, c+n)
 
-TFLOP/s always counts the useful work, DESIGN.md's `4*B*H*D*sum_s n_s*P_s` (P_s = keys visible to
+TFLOP/s always counts the useful work, docs/design.md's `4*B*H*D*sum_s n_s*P_s` (P_s = keys visible to
 block s), whatever a provider computes. GB/s counts the minimum traffic: q, k, v read and the output
 written once (full pass); q, k_new, v_new and the old prefix read, the appended slots and the output
 written (step). On the CPU the Triton impl is excluded (its interpreter is far too slow to time).

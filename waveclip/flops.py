@@ -51,7 +51,7 @@ def attention_pairs(block_sizes: Sequence[int]) -> int:
 
 
 def block_causal_attention_flops(batch: int, heads: int, head_dim: int, block_sizes: Sequence[int]) -> int:
-    """4*B*H*D*sum_s n_s*P_s (DESIGN.md section 5)."""
+    """4*B*H*D*sum_s n_s*P_s (docs/design.md section 5)."""
     return 4 * batch * heads * head_dim * attention_pairs(block_sizes)
 
 

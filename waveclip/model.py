@@ -1,4 +1,4 @@
-"""The WaveCLIP vision tower (DESIGN.md section 2).
+"""The WaveCLIP vision tower (docs/design.md section 2).
 
 Read top to bottom: wavelet tokens -> stage embeddings -> block-causal trunk -> one exit per stage.
 
@@ -241,7 +241,7 @@ class WaveCLIP(nn.Module):
 
     @classmethod
     def from_open_clip(cls, teacher: nn.Module, config: WaveCLIPConfig | None = None, impl: str = "auto") -> WaveCLIP:
-        """A student initialised from an open_clip CLIP (or its `.visual`) as DESIGN.md section 2 says."""
+        """A student initialised from an open_clip CLIP (or its `.visual`) as docs/design.md section 2 says."""
         from .interop import from_open_clip
 
         return from_open_clip(teacher, config, impl)

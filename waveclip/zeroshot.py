@@ -1,4 +1,4 @@
-"""Zero-shot classification with early exit: the margin gate (DESIGN.md section 2).
+"""Zero-shot classification with early exit: the margin gate (docs/design.md section 2).
 
 Logits at stage s are `logit_scale * z_s @ T.T` over unit class text embeddings T. A sample exits at the
 first stage whose margin (top-1 minus top-2 softmax probability) is >= thresholds[s]; the last stage

@@ -131,7 +131,7 @@ def check_image_size(image_size: tuple[int, int], levels: int, grid: tuple[int, 
 
 
 def wavelet_tokenize(images, levels: int, grid, color: str = "ycbcr", out_dtype=None, impl: str = "auto"):
-    """Tokenize images with an L-level Haar DWT on one token grid (DESIGN.md section 1).
+    """Tokenize images with an L-level Haar DWT on one token grid (docs/design.md section 1).
 
     Args:
         images: (B, 3, H, W) float tensor, CLIP-preprocessed; H divisible by 2**levels * Gh,

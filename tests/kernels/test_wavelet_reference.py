@@ -1,4 +1,4 @@
-"""The reference tokenizer against PyWavelets, in float64 (DESIGN.md section 1)."""
+"""The reference tokenizer against PyWavelets, in float64 (docs/design.md section 1)."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ CASES = [  # (levels, grid, (H, W))
 
 
 def pywt_tokens(images: np.ndarray, levels: int, grid, color: str) -> list[np.ndarray]:
-    """Independent tokenization: numpy colour transform, pywt.wavedec2, DESIGN.md's rearrangement."""
+    """Independent tokenization: numpy colour transform, pywt.wavedec2, docs/design.md's rearrangement."""
     if color == "ycbcr":
         images = np.einsum("oc,bchw->bohw", np.array(YCBCR_FROM_RGB), images)
     coeffs = pywt.wavedec2(images, "haar", level=levels, axes=(-2, -1))
@@ -67,7 +67,7 @@ def test_design_example_shapes():
 
 
 def test_haar_on_one_block():
-    """DESIGN.md's formulas on a single 2x2 block a=1 b=2 c=3 d=4, rgb, one level."""
+    """docs/design.md's formulas on a single 2x2 block a=1 b=2 c=3 d=4, rgb, one level."""
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64).expand(1, 3, 2, 2)
     a, d = wk.wavelet_tokenize(x, 1, 1, color="rgb", impl="reference")
     assert a[0, 0].tolist() == [5.0, 5.0, 5.0]

@@ -1,4 +1,4 @@
-"""Readable reference for the wavelet tokenizer (DESIGN.md section 1).
+"""Readable reference for the wavelet tokenizer (docs/design.md section 1).
 
 Every step is an ordinary tensor operation so the code can be read against the math:
 colour transform -> L levels of the orthonormal 2-D Haar DWT -> stages -> tokens on one grid.

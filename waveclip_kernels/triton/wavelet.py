@@ -1,4 +1,4 @@
-"""Fused wavelet tokenizer and its inverse (Triton), DESIGN.md section 1.
+"""Fused wavelet tokenizer and its inverse (Triton), docs/design.md section 1.
 
 One program owns one rectangle of pixels inside one grid cell of one image. A grid cell of
 (H/Gh) x (W/Gw) pixels holds the whole L-level Haar pyramid of its tokens, and so does every aligned
