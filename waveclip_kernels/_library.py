@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from . import reference
+from . import kvappend, reference
 from .common import stage_dims
 
 
@@ -94,10 +95,50 @@ def attention_with_kv_append(
     batch_index: Tensor | None,
     scale: float,
     impl: str,
+    lens: list[int] | None = None,
+    rows: list[int] | None = None,
 ) -> Tensor:
+    # lens/rows: the checked host values of cache_lens/batch_index (0..B-1 when batch_index is None), or
+    # None: then they are read and checked here, before anything is written.
+    kvappend.check_kv_memory(q, k_new, v_new, k_cache, v_cache)
+    if lens is None or rows is None:
+        lens, rows = kvappend.host_lens_rows(cache_lens, batch_index, q.shape[0], q.shape[2], k_cache)
+    if impl in ("cpu", "cuda"):
+        from . import extension
+
+        return extension.attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, lens, rows, scale)
     return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
 
 
 @attention_with_kv_append.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------- FLOP formulas
+# For torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs): QK^T and PV over the
+# (query, key) pairs each op computes, 2 * pairs * (D + Dv) per (batch, head), i.e. docs/design.md's
+# 4*B*H*D*sum_s n_s*P_s. The tokenizer and its inverse are linear maps of a few FLOPs per pixel
+# (waveclip.flops counts them); here they count 0, as FlopCounterMode counts other elementwise work.
+
+
+@register_flop_formula(torch.ops.waveclip.block_causal_attention)
+def _block_causal_flop(q_shape, k_shape, v_shape, block_sizes, *args, out_shape=None, **kwargs) -> int:
+    B, H, _, D = q_shape
+    pairs, prefix = 0, 0
+    for n in block_sizes:
+        prefix += n
+        pairs += n * prefix
+    return 2 * B * H * pairs * (D + v_shape[-1])
+
+
+@register_flop_formula(torch.ops.waveclip.attention_with_kv_append, get_raw=True)
+def _kv_append_flop(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None, **kwargs) -> int:
+    B, H, n, D = q.shape
+    keys = sum(lens) if lens is not None else int(cache_lens.sum())
+    return 2 * H * n * (keys + B * n) * (D + v_new.shape[-1])
+
+
+@register_flop_formula([torch.ops.waveclip.wavelet_tokenize, torch.ops.waveclip.wavelet_detokenize])
+def _tokenizer_flop(*args, **kwargs) -> int:
+    return 0

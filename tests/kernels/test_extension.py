@@ -336,7 +336,7 @@ def _kv_args(**change):
         ({"k_cache": torch.randn(3, 1, 8, 4), "v_cache": torch.randn(3, 1, 8, 4)}, ValueError, "in heads"),
         ({"k_cache": torch.randn(3, 2, 8, 4, device="meta")}, ValueError, "k_cache must be a CPU or CUDA tensor"),
         ({"cache_lens": torch.tensor([0, 6])}, ValueError, r"cache overflow: row 1 \(cache row 1\) has cache_lens=6"),
-        ({"cache_lens": torch.tensor([-1, 0])}, ValueError, "cache overflow: row 0"),
+        ({"cache_lens": torch.tensor([-1, 0])}, ValueError, r"cache_lens\[0\] = -1 must be >= 0"),
         ({"cache_lens": torch.tensor([0, 2**62])}, ValueError, "cache overflow: row 1"),
         ({"cache_lens": torch.tensor([0.0, 1.0])}, TypeError, "cache_lens must hold int32 or int64"),
         ({"cache_lens": torch.tensor([0])}, ValueError, r"cache_lens must have shape \(2,\)"),
