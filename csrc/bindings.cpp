@@ -1,5 +1,5 @@
 // Host side of the extension: argument validation, routing to the CPU or CUDA kernels, attention
-// over the cache prefixes through ATen, and the Python module.
+// over the cache prefixes (attention_cpu.cpp on the CPU, ATen's SDPA on CUDA), and the Python module.
 //
 // Every check runs before anything is allocated or written, so bad input from Python is a Python
 // exception (ValueError / TypeError / RuntimeError), never a crash.
@@ -195,9 +195,8 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
 
 namespace {
 
-// softmax(q k^T * scale) v for one group of rows. On the CPU this is ATen's matmul + softmax
-// composition (SDPA's math path), whose arithmetic per element does not depend on the number of
-// threads (the CPU flash kernel's blocking does); on CUDA it is SDPA's fastest backend.
+// softmax(q k^T * scale) v for one group of rows: SDPA's fastest backend on CUDA; on the CPU, where
+// torch exports no BLAS for attention_cpu.cpp, ATen's matmul + softmax composition (SDPA's math path).
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   if (q.is_cpu()) return std::get<0>(at::_scaled_dot_product_attention_math(q, k, v, {}, 0.0, false, {}, scale));
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
