@@ -133,7 +133,9 @@ def _block_causal_flop(q_shape, k_shape, v_shape, block_sizes, *args, out_shape=
 
 
 @register_flop_formula(torch.ops.waveclip.attention_with_kv_append, get_raw=True)
-def _kv_append_flop(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None, **kwargs) -> int:
+def _kv_append_flop(
+    q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index=None, scale=None, impl=None, lens=None, *args, **kwargs
+) -> int:
     B, H, n, D = q.shape
     keys = sum(lens) if lens is not None else int(cache_lens.sum())
     return 2 * H * n * (keys + B * n) * (D + v_new.shape[-1])
