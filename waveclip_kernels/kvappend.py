@@ -149,9 +149,8 @@ def _span(t: Tensor) -> tuple[int, int] | None:
     return start, start + (last + 1) * t.element_size() - 1
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    sa, sb = _span(a), _span(b)
-    return sa is not None and sb is not None and sa[0] <= sb[1] and sb[0] <= sa[1]
+def _meet(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
 def _self_overlap(t: Tensor) -> bool:
@@ -177,11 +176,13 @@ def check_kv_memory(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
                 f"{name} has elements that share memory (strides {tuple(cache.stride())} for shape "
                 f"{tuple(cache.shape)}, e.g. an expanded view): the append would write one slot twice"
             )
-    if _overlap(k_cache, v_cache):
+    spans = {name: _span(t) for name, t in (("k_cache", k_cache), ("v_cache", v_cache))}
+    if _meet(spans["k_cache"], spans["v_cache"]):
         raise ValueError("k_cache and v_cache share memory: the key and value appends would overwrite each other")
     for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
-        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if _overlap(t, cache):
+        span = _span(t)
+        for cache_name, cache_span in spans.items():
+            if _meet(span, cache_span):
                 raise ValueError(
                     f"{name} shares memory with {cache_name}: the append would change it while it is read; "
                     f"pass a copy ({name}.clone())"
