@@ -145,7 +145,9 @@ void run_jobs(const std::vector<Job<T>>& jobs, const Layout& l, double scale) {
   // Always an active parallel region (even for one job), so BLAS inside never spawns threads of its own.
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> scores(kTileRows * max_len);
+    // Each thread's score buffer lives on between calls (no allocation, no page faults per call).
+    thread_local std::vector<T> scores;
+    if (scores.size() < static_cast<size_t>(kTileRows * max_len)) scores.resize(kTileRows * max_len);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < count; ++j) run_job(jobs[j], l, static_cast<T>(scale), scores.data());
   }

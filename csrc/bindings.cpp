@@ -12,6 +12,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <set>
 
 #ifdef WAVECLIP_WITH_CUDA
@@ -150,6 +151,59 @@ void check_kv_append_tensors(const at::Tensor& q, const at::Tensor& k_new, const
   TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": the head dim (dim 3) must be at least 1, got q ", q.sizes());
 }
 
+namespace {
+
+// [first, last] byte addresses of t's elements; {1, 0} (empty) when it has none.
+std::pair<uintptr_t, uintptr_t> span(const at::Tensor& t) {
+  if (t.numel() == 0) return {1, 0};
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
+}
+
+bool meet(const std::pair<uintptr_t, uintptr_t>& a, const std::pair<uintptr_t, uintptr_t>& b) {
+  return a.first <= a.second && b.first <= b.second && a.first <= b.second && b.first <= a.second;
+}
+
+// True when two elements of t may share memory (a stride 0, or strides that interleave).
+bool self_overlap(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest offset reachable through the smaller-stride dims
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
+}  // namespace
+
+void check_kv_memory(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache) {
+  constexpr const char* op = "attention_with_kv_append";
+  TORCH_CHECK_VALUE(!self_overlap(k_cache), op, ": k_cache has elements that share memory (strides ",
+                    k_cache.strides(), " for shape ", k_cache.sizes(),
+                    ", e.g. an expanded view): the append would write one slot twice");
+  TORCH_CHECK_VALUE(!self_overlap(v_cache), op, ": v_cache has elements that share memory (strides ",
+                    v_cache.strides(), " for shape ", v_cache.sizes(),
+                    ", e.g. an expanded view): the append would write one slot twice");
+  const auto k_span = span(k_cache), v_span = span(v_cache);
+  TORCH_CHECK_VALUE(!meet(k_span, v_span), op,
+                    ": k_cache and v_cache share memory: the key and value appends would overwrite each other");
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"q", &q}, {"k_new", &k_new}, {"v_new", &v_new}};
+  for (const auto& [name, t] : inputs) {
+    const auto s = span(*t);
+    TORCH_CHECK_VALUE(!meet(s, k_span), op, ": ", name, " shares memory with k_cache: the append would change it ",
+                      "while it is read; pass a copy (", name, ".clone())");
+    TORCH_CHECK_VALUE(!meet(s, v_span), op, ": ", name, " shares memory with v_cache: the append would change it ",
+                      "while it is read; pass a copy (", name, ".clone())");
+  }
+}
+
 void check_plan_bounds(const AppendPlan& plan, const at::Tensor& q, const at::Tensor& k_cache) {
   constexpr const char* op = "attention_with_kv_append";
   const int64_t B = q.size(0), n = q.size(2), B_cache = k_cache.size(0), n_max = k_cache.size(2);
@@ -170,6 +224,7 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
                            const std::optional<at::Tensor>& batch_index) {
   constexpr const char* op = "attention_with_kv_append";
   check_kv_append_tensors(q, k_new, v_new, k_cache, v_cache);
+  check_kv_memory(q, k_new, v_new, k_cache, v_cache);
   const int64_t B = q.size(0), B_cache = k_cache.size(0);
 
   AppendPlan plan;
@@ -390,6 +445,7 @@ at::Tensor attention_with_kv_append_planned(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& k_cache, const at::Tensor& v_cache,
                                             std::vector<int64_t> lens, std::vector<int64_t> rows, double scale) {
   check_kv_append_tensors(q, k_new, v_new, k_cache, v_cache);
+  check_kv_memory(q, k_new, v_new, k_cache, v_cache);
   const AppendPlan plan{std::move(lens), std::move(rows)};
   check_plan_bounds(plan, q, k_cache);
   return append_and_attend(q, k_new, v_new, k_cache, v_cache, plan, scale);

@@ -69,6 +69,11 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
 void check_kv_append_tensors(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                              const at::Tensor& k_cache, const at::Tensor& v_cache);
 
+// Refuses caches that overlap themselves or each other, and inputs that overlap a cache (checked on
+// addresses, before anything is written).
+void check_kv_memory(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache);
+
 // The memory-safety checks of an already validated plan: one entry per query row, every row inside the
 // cache, every append inside N_max. O(B) on the host; duplicates are not searched again.
 void check_plan_bounds(const AppendPlan& plan, const at::Tensor& q, const at::Tensor& k_cache);

@@ -56,9 +56,30 @@ def _(tokens, levels, grid, color, image_size, impl):
     return tokens[0].new_empty(tokens[0].shape[0], 3, *image_size)
 
 
+def eager_direct(*tensors: Tensor) -> bool:
+    """Whether calling an attention op's body directly runs exactly what dispatching its custom op would:
+    plain tensors on a CPU or CUDA device, nothing for autograd to record, and no compiler, tracer,
+    profiler, mode or functorch transform that must see the op. (Dispatch costs ~20 us a call.)"""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        type(t) is Tensor and t.device.type in ("cpu", "cuda") and not (grad and t.requires_grad) for t in tensors
+    )
+
+
+def block_causal_body(q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str) -> Tensor:
+    """What `waveclip::block_causal_attention` runs."""
+    return backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
+
+
 @torch.library.custom_op("waveclip::block_causal_attention", mutates_args=())
 def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str) -> Tensor:
-    return backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
+    return block_causal_body(q, k, v, block_sizes, scale, impl)
 
 
 @block_causal_attention.register_fake
@@ -84,6 +105,20 @@ def _attention_backward(ctx, grad_out):
 block_causal_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+def kv_append_body(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None):
+    """What `waveclip::attention_with_kv_append` runs. lens/rows: the checked host values of
+    cache_lens/batch_index (0..B-1 when batch_index is None), or None: then they are read and checked
+    here, before anything is written."""
+    if lens is None or rows is None:
+        lens, rows = kvappend.host_lens_rows(cache_lens, batch_index, q.shape[0], q.shape[2], k_cache)
+    if impl in ("cpu", "cuda"):  # the extension checks the memory overlaps itself (the same rules)
+        from . import extension
+
+        return extension.attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, lens, rows, scale)
+    kvappend.check_kv_memory(q, k_new, v_new, k_cache, v_cache)
+    return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+
+
 @torch.library.custom_op("waveclip::attention_with_kv_append", mutates_args=("k_cache", "v_cache"))
 def attention_with_kv_append(
     q: Tensor,
@@ -98,16 +133,7 @@ def attention_with_kv_append(
     lens: list[int] | None = None,
     rows: list[int] | None = None,
 ) -> Tensor:
-    # lens/rows: the checked host values of cache_lens/batch_index (0..B-1 when batch_index is None), or
-    # None: then they are read and checked here, before anything is written.
-    kvappend.check_kv_memory(q, k_new, v_new, k_cache, v_cache)
-    if lens is None or rows is None:
-        lens, rows = kvappend.host_lens_rows(cache_lens, batch_index, q.shape[0], q.shape[2], k_cache)
-    if impl in ("cpu", "cuda"):
-        from . import extension
-
-        return extension.attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, lens, rows, scale)
-    return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+    return kv_append_body(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens, rows)
 
 
 @attention_with_kv_append.register_fake

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import _library
 from .common import FLOAT_DTYPES, image_size_error, normalize_grid, stage_dims
@@ -244,7 +245,8 @@ def block_causal_attention(q, k, v, block_sizes, scale: float | None = None, imp
     if not sizes or any(s <= 0 for s in sizes) or sum(sizes) != q.shape[2]:
         raise ValueError(f"block_sizes must be positive and sum to N={q.shape[2]}, got {list(block_sizes)}")
     chosen = resolve_impl(impl, "block_causal_attention", q.device)
-    return _library.block_causal_attention(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)
+    op = _library.block_causal_body if _library.eager_direct(q, k, v) else _library.block_causal_attention
+    return op(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)
 
 
 def _check_index_tensor(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
@@ -329,6 +331,9 @@ def attention_with_kv_append(
         lens_t, index_t, lens, rows = cache_lens, batch_index, None, None
     else:
         lens_t, index_t, lens, rows = plan.cache_lens, plan.batch_index, list(plan.lens), list(plan.rows)
-    return _library.attention_with_kv_append(
-        q, k_new, v_new, k_cache, v_cache, lens_t, index_t, _scale(scale, q.shape[-1]), chosen, lens, rows
-    )
+    args = (q, k_new, v_new, k_cache, v_cache, lens_t, index_t, _scale(scale, q.shape[-1]), chosen, lens, rows)
+    if not _library.eager_direct(q, k_new, v_new, k_cache, v_cache):
+        return _library.attention_with_kv_append(*args)
+    out = _library.kv_append_body(*args)
+    increment_version((k_cache, v_cache))  # as the custom op records its in-place writes
+    return out
