@@ -57,7 +57,9 @@ def photo_folder(tmp_path):
     import skimage.data
 
     root = tmp_path / "photos"
-    for rel, name in (("a/chelsea.png", "chelsea"), ("a/b/rocket.jpg", "rocket"), ("coffee.png", "coffee")):
+    files = ("a/chelsea.png", "a/b/rocket.jpg", "a/b/camera.png", "coffee.png", "astronaut.bmp")
+    for rel in files:
+        name = rel.rsplit("/", 1)[-1].split(".")[0]
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(getattr(skimage.data, name)()).resize((48, 40)).save(root / rel)
     (root / "a" / "notes.md").write_text("not an image")
