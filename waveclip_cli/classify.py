@@ -331,7 +331,8 @@ def _report(classifier, rows: list[Row], args) -> None:
     mean = sum(r.gflops for r in rows) / len(rows)
     teacher = teacher_gflops_analytic(config)
     print(
-        f"{len(rows)} inputs; thresholds {', '.join(f'{t:g}' for t in classifier.thresholds)}; precision "
+        f"{len(rows)} input{'s' * (len(rows) != 1)}; thresholds {', '.join(f'{t:g}' for t in classifier.thresholds)}; "
+        f"precision "
         f"{args.precision}; mean {mean:.4g} GFLOPs per input ({100 * mean / teacher:.0f}% of the teacher's "
         f"{teacher:.4g} at {_hw(config.image_size)})"
     )
