@@ -12,15 +12,8 @@ from PIL import Image
 
 from waveclip import WaveCLIP, WaveCLIPConfig, ZeroShotClassifier
 from waveclip.flops import exit_gflops
-from waveclip_train.calibrate import (
-    NEVER,
-    add_arguments,
-    calibrate,
-    class_prototypes,
-    exit_scores,
-    gate_exits,
-    run,
-)
+from waveclip_cli.calibrate import add_arguments, run
+from waveclip_train.calibrate import NEVER, calibrate, class_prototypes, exit_scores, gate_exits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,7 +233,7 @@ def test_cli_class_names_through_the_teacher_text_tower(tmp_path, capsys):
             }
         )
     )
-    from waveclip_train.distill import load_teacher_model
+    from waveclip_train.teacher import load_teacher_model
 
     teacher, _ = load_teacher_model(str(teacher_json), None)
     student = WaveCLIP.from_open_clip(teacher, WaveCLIPConfig.from_preset("waveclip-tiny"), impl="reference")

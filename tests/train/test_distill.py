@@ -13,19 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from waveclip import WaveCLIPConfig
+from waveclip_cli.distill import add_arguments, run
 from waveclip_train.data import DataError, ImageDataset, build_dataset, list_images, split_of
-from waveclip_train.distill import (
-    DistillOptions,
-    add_arguments,
-    cached_teacher_embeddings,
-    distill,
-    distill_loss,
-    load_teacher_model,
-    lr_factor,
-    param_groups,
-    run,
-    teacher_embed,
-)
+from waveclip_train.distill import distill
+from waveclip_train.distributed import Dist
+from waveclip_train.loss import distill_loss
+from waveclip_train.optim import lr_factor, param_groups
+from waveclip_train.options import DistillOptions
+from waveclip_train.teacher import cached_teacher_embeddings, load_teacher_model, teacher_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,8 +171,6 @@ def test_teacher_cache_keys(tmp_path):
     def compute(idx):
         calls.append(list(idx))
         return torch.stack([torch.full((4,), float(i)) for i in idx])
-
-    from waveclip_train.distill import Dist
 
     emb, fresh = cached_teacher_embeddings(str(tmp_path / "cache"), "teacherA", ds, compute, Dist())
     assert fresh == 5 and calls == [[0, 1, 2, 3, 4]]
