@@ -289,9 +289,7 @@ def _delegate(module_name: str, argv: list[str]) -> int:
             ) from err
         raise
     if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
-        raise UserError(
-            f"`{PROG} {module_name}` is not available: waveclip_cli.{module_name} has no add_arguments/run"
-        )
+        raise UserError(f"`{PROG} {module_name}` is not available: waveclip_cli.{module_name} has no add_arguments/run")
     parser = argparse.ArgumentParser(prog=f"{PROG} {module_name}", description=(module.__doc__ or "").split("\n\n")[0])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)

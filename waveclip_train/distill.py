@@ -354,8 +354,10 @@ def setup(options: DistillOptions) -> Trainer:
     progress = tqdm(total=total, initial=step, disable=not (rank.main and options.progress), desc="distill")
     sampler = ResumableSampler(dataset, rank.world, rank.rank, options.seed)
     return Trainer(
-        options, rank, device, autocast, teacher_name, config, student, parts, dataset, sampler, eval_set,
-        eval_what, eval_targets, key, per_epoch, total, step, resumed_from, out, started, progress,
+        options=options, rank=rank, device=device, autocast=autocast, teacher_name=teacher_name, config=config,
+        student=student, parts=parts, dataset=dataset, sampler=sampler, eval_set=eval_set, eval_what=eval_what,
+        eval_targets=eval_targets, run_key=key, steps_per_epoch=per_epoch, total_steps=total, step=step,
+        resumed_from=resumed_from, out=out, started=started, progress=progress,
     )  # fmt: skip
 
 

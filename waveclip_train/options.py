@@ -117,7 +117,7 @@ class DistillOptions:
         if self.levels is not None:
             levels = self.levels
         _at_least("epochs", self.epochs, 1)
-        _at_least("steps", self.steps, 1, optional=True)
+        _at_least("steps", self.steps, 0, optional=True)  # 0: write the initial student
         _at_least("accum_steps", self.accum_steps, 1)
         for name in ("lr", "lr_new", "weight_decay", "warmup_steps", "max_grad_norm", "kl_weight"):
             _at_least(name, getattr(self, name), 0)

@@ -292,3 +292,16 @@ def test_every_file_of_a_run_honours_the_umask(tmp_path, umask):
     assert {"model.safetensors", "config.json", "trainer.safetensors", "rng-0.safetensors", "train_log.csv"} <= names
     modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_zero_steps_write_the_initial_student(tmp_path):
+    from waveclip import WaveCLIP
+
+    data = write_images(tmp_path / "images", 4)
+    result = distill(options(tmp_path, data, tmp_path / "init", steps=0))
+    assert result.steps == 0 and result.before == result.after
+    torch.manual_seed(0)  # the run's seed: the same random teacher
+    teacher, _ = load_teacher_model(tiny_teacher_config(tmp_path), None)
+    initial = WaveCLIP.from_open_clip(teacher, result.model.config, impl="reference").state_dict()
+    written = load_file(tmp_path / "init" / "model.safetensors")
+    assert written.keys() == initial.keys() and all(torch.equal(written[k], initial[k]) for k in initial)

@@ -40,7 +40,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "waveclip_train"
         ("batch_size", 0),
         ("accum_steps", 0),
         ("epochs", 0),
-        ("steps", 0),
+        ("steps", -1),
         ("lr", -1.0),
         ("lr_new", float("nan")),
         ("min_lr_ratio", 1.5),
@@ -211,8 +211,10 @@ def test_checkpoint_round_trip_latest_and_prune(tmp_path):
         assert all(torch.equal(torch.as_tensor(saved[i][k]), torch.as_tensor(loaded[i][k])) for k in saved[i])
     assert other.scheduler.last_epoch == parts.scheduler.last_epoch == 1
     assert torch.equal(torch.rand(3), draw_after_save)  # the generators continue from the save
-    with pytest.raises(ValueError, match="cannot resume exactly.*seed"):
-        load_checkpoint(checkpoint_path(tmp_path, 3), fresh, other.optimizer, other.scheduler, None, {"seed": 1}, Dist())
+    with pytest.raises(ValueError, match=r"cannot resume exactly.*seed"):
+        load_checkpoint(
+            checkpoint_path(tmp_path, 3), fresh, other.optimizer, other.scheduler, None, {"seed": 1}, Dist()
+        )
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resume_path(str(tmp_path), tmp_path)
     assert resume_path("auto", tmp_path / "elsewhere") is None and resume_path(None, tmp_path) is None
