@@ -8,7 +8,6 @@ import pathlib
 
 import pytest
 import torch
-from helpers import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from waveclip_train.checkpoint import (
@@ -124,8 +123,8 @@ def _batch(n, start=0):
     return torch.randn(n, 3, 32, 32), torch.arange(start, start + n)
 
 
-def test_step_records_the_learning_rate_it_applied():
-    student = tiny_model().train()
+def test_step_records_the_learning_rate_it_applied(tiny_tower):
+    student = tiny_tower().train()
     parts = _parts(student, total_steps=10, warmup=4)
     before = student.level_embedding.detach().clone()  # a "new_no_decay" parameter: lr_new, no decay
     record = train_step(parts, [_batch(4)], step=0, epoch=0)
@@ -140,9 +139,9 @@ def test_step_records_the_learning_rate_it_applied():
     assert len(record.cos_loss) == 3 and record.kl is None and record.loss == pytest.approx(sum(record.cos_loss))
 
 
-def test_accumulated_micro_batches_step_like_one_batch():
+def test_accumulated_micro_batches_step_like_one_batch(tiny_tower):
     images, index = _batch(4)
-    a, b = tiny_model().train(), tiny_model().train()
+    a, b = tiny_tower().train(), tiny_tower().train()
     b.load_state_dict(a.state_dict())
     one = train_step(_parts(a, max_grad_norm=1.0), [(images, index)], 0, 0)
     two = train_step(_parts(b, max_grad_norm=1.0), [(images[:2], index[:2]), (images[2:], index[2:])], 0, 0)
@@ -164,9 +163,8 @@ class _OpDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_bf16_autocast_feeds_bf16_to_the_attention_op():
-    student = tiny_model().train()
-    student.impl = "auto"  # what distill uses by default
+def test_bf16_autocast_feeds_bf16_to_the_attention_op(tiny_tower):
+    student = tiny_tower(impl="auto").train()  # distill's default impl
     parts = _parts(student, autocast=autocast_for(torch.device("cpu"), torch.bfloat16))
     with _OpDtypes() as ops:
         record = train_step(parts, [_batch(2)], 0, 0)
@@ -180,8 +178,8 @@ def test_bf16_autocast_feeds_bf16_to_the_attention_op():
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_round_trip_latest_and_prune(tmp_path):
-    student = tiny_model().train()
+def test_checkpoint_round_trip_latest_and_prune(tmp_path, tiny_tower):
+    student = tiny_tower().train()
     parts = _parts(student)
     train_step(parts, [_batch(2)], 0, 0)
     key = {"seed": 0, "world": 1}
@@ -198,7 +196,7 @@ def test_checkpoint_round_trip_latest_and_prune(tmp_path):
         "step-00000002", "step-00000003", "step-00000009.tmp",
     ]  # fmt: skip
 
-    fresh = tiny_model().train()
+    fresh = tiny_tower().train()
     other = _parts(fresh)
     torch.manual_seed(123)
     step = load_checkpoint(checkpoint_path(tmp_path, 3), fresh, other.optimizer, other.scheduler, None, key, Dist())
