@@ -1,6 +1,8 @@
 """waveclip_train: distillation of a WaveCLIP tower from a frozen CLIP teacher, and gate calibration.
 
-    from waveclip_train import DistillOptions, distill
+    from waveclip_train import DistillOptions
+    from waveclip_train.distill import distill
+
     result = distill(DistillOptions(data=["photos/"], out="runs/student", teacher_weights="vit_b_16.safetensors"))
 
 Modules: `options` (the run options, validated), `data` (image sources and datasets), `teacher` (the
@@ -10,8 +12,6 @@ frozen teacher, its identity and embedding cache), `loss`, `optim` (AdamW groups
 (inference) and `waveclip_kernels`, is never imported by them, and parses no command line.
 """
 
-from .calibrate import run_calibration
-from .distill import DistillResult, distill
 from .options import CalibrateOptions, DistillOptions
 
-__all__ = ["CalibrateOptions", "DistillOptions", "DistillResult", "distill", "run_calibration"]
+__all__ = ["CalibrateOptions", "DistillOptions"]
