@@ -31,8 +31,8 @@ COMMANDS = (
     ("flops", "waveclip_cli.flops", "GFLOPs per image at each exit and input size, against the teacher"),
     ("bench", "waveclip_cli.bench", "run the benchmarks: CSV, PNG and markdown tables"),
     ("demo", "waveclip_cli.demo", "tokenize, rebuild and classify scikit-image's sample photographs"),
-    ("distill", "waveclip_train.distill", "distil a WaveCLIP student from its open_clip teacher"),
-    ("calibrate", "waveclip_train.calibrate", "fit the gate's thresholds on held-out images"),
+    ("distill", "waveclip_cli.distill", "distil a WaveCLIP student from its open_clip teacher"),
+    ("calibrate", "waveclip_cli.calibrate", "fit the gate's thresholds on held-out images"),
 )  # fmt: skip
 USER_ERRORS = (UserError, ValueError, OSError, RuntimeError)
 
