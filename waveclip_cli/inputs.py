@@ -40,17 +40,24 @@ def collect_inputs(arguments: Sequence[str]) -> list[str]:
     file (an image, or a .safetensors token file) is itself."""
     suffixes = image_suffixes()
     out: list[str] = []
-    pending = [pathlib.Path(a) for a in arguments]
-    while pending:
-        path = pending.pop(0)
+
+    def add(path: pathlib.Path, listed_in: tuple[pathlib.Path, ...]) -> None:
         if path.is_dir():
-            out += _walk(path, suffixes)
+            out.extend(_walk(path, suffixes))
         elif not path.is_file():
-            raise UserError(f"no such image file or folder: {path}")
+            raise UserError(
+                f"no such image file or folder: {path}" + (f" (listed in {listed_in[-1]})" if listed_in else "")
+            )
         elif path.suffix.lower() == LIST_SUFFIX:
-            pending[:0] = _read_list(path)
+            if path.resolve() in listed_in:
+                raise UserError(f"list file {path} lists itself")
+            for entry in _read_list(path):
+                add(entry, (*listed_in, path.resolve()))
         else:
             out.append(str(path))
+
+    for argument in arguments:
+        add(pathlib.Path(argument), ())
     return out
 
 

@@ -317,3 +317,13 @@ def test_native_resolution_answers_with_the_stages_the_size_has(cli, tiny_checkp
     code, _, err = _classify(cli, tiny_checkpoint, path, "--thresholds", "2,2", "--out", out_csv)
     assert code == 0, err
     assert _read_csv(out_csv)[0]["input_size"] == "32x32"  # without the option the picture is upsampled
+
+
+def test_list_file_errors_are_one_line(cli, photo, tiny_checkpoint, no_model_loading, tmp_path):
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{photo[0].name}\nmissing.png\n")
+    cli.error(r"no such image file or folder: .*missing\.png \(listed in .*inputs\.txt\)", "classify", listing,
+              "--labels", "a,b", "--checkpoint", tiny_checkpoint)  # fmt: skip
+    listing.write_text(f"{photo[0].name}\ninputs.txt\n")
+    cli.error("list file .*inputs.txt lists itself", "classify", listing, "--labels", "a,b",
+              "--checkpoint", tiny_checkpoint)  # fmt: skip
