@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 import torch
-from helpers import tiny_model
 from tolerances import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -190,10 +189,10 @@ def test_kv_append_with_a_plan_compiles_fullgraph():
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
 
-def test_tiny_tower_compiles_fullgraph():
+def test_tiny_tower_compiles_fullgraph(tiny_tower):
     """forward with aot_eager; start/refine with the eager backend (dynamo captures them whole: AOT
     autograd refuses the inference tensors of their @torch.inference_mode, a PyTorch limitation)."""
-    model = tiny_model()
+    model = tiny_tower()
     images = torch.randn(2, 3, *model.config.image_size)
     with torch.no_grad():
         assert torch.equal(_compiled(model)(images), model(images))
