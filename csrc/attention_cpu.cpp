@@ -7,7 +7,7 @@
 // A block-causal query block only reads its own prefix: masked (query, key) pairs are never computed, and
 // nothing (not even a NaN) flows from a later block into an earlier one.
 //
-// Jobs are fixed by the shapes alone (query tiles of at most kTileRows rows, split evenly), each runs on
+// Jobs are fixed by the shapes alone (query tiles of kTileRows rows, the last one shorter), each runs on
 // one thread, and BLAS runs sequentially inside the always-active parallel region, so the arithmetic of
 // every output element, and hence the result, does not depend on the number of threads.
 #include "waveclip.h"
@@ -153,14 +153,10 @@ void run_jobs(const std::vector<Job<T>>& jobs, const Layout& l, double scale) {
   }
 }
 
-// Query tiles of a block of n rows: ceil(n / kTileRows) tiles of (nearly) equal size.
+// Query tiles of a block of n rows: tiles of kTileRows rows, the last one shorter.
 template <typename F>
 void for_each_tile(int64_t n, const F& body) {
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t begin = n * t / tiles, end = n * (t + 1) / tiles;
-    body(begin, end - begin);
-  }
+  for (int64_t begin = 0; begin < n; begin += kTileRows) body(begin, std::min(kTileRows, n - begin));
 }
 
 // A tensor whose last dim is unit-stride and whose rows (dim 2) BLAS can step through, in the compute dtype.

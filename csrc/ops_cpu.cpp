@@ -341,6 +341,13 @@ struct ScatterSide {
         s0(src.stride(0)), s1(src.stride(1)), s2(src.stride(2)), s3(src.stride(3)), d0(dst.stride(0)),
         d1(dst.stride(1)), d2(dst.stride(2)), d3(dst.stride(3)) {}
 
+  // Whether the n rows of one (b, h) are one contiguous run on both sides.
+  bool runs(int64_t D) const { return s3 == 1 && d3 == 1 && s2 == D && d2 == D; }
+
+  void copy_run(int64_t b, int64_t h, int64_t n, int64_t D, int64_t es, const AppendPlan& plan) const {
+    std::memcpy(d + (plan.rows[b] * d0 + h * d1 + plan.lens[b] * d2) * es, s + (b * s0 + h * s1) * es, n * D * es);
+  }
+
   void copy_row(int64_t b, int64_t h, int64_t t, int64_t D, int64_t es, const AppendPlan& plan) const {
     const char* from = s + (b * s0 + h * s1 + t * s2) * es;
     char* to = d + (plan.rows[b] * d0 + h * d1 + (plan.lens[b] + t) * d2) * es;
@@ -405,6 +412,14 @@ void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::
   const int64_t H = k_new.size(1), n = k_new.size(2), D = k_new.size(3), es = k_new.element_size();
   const int64_t rows = k_new.size(0) * H * n;
   const ScatterSide sides[2] = {ScatterSide(k_new, k_cache), ScatterSide(v_new, v_cache)};
+  if (sides[0].runs(D) && sides[1].runs(D)) {  // one memcpy per (side, b, h)
+    const int64_t heads = k_new.size(0) * H;
+    parallel_items(2 * heads, at::get_num_threads(), [&](int64_t item, int) {
+      const int64_t i = item % heads;
+      sides[item / heads].copy_run(i / H, i % H, n, D, es, plan);
+    });
+    return;
+  }
   // Keys and values in one parallel region: item i < rows copies a key row, the others value rows.
   parallel_items(2 * rows, at::get_num_threads(), [&](int64_t item, int) {
     const int64_t i = item % rows, t = i % n, h = (i / n) % H, b = i / (n * H);

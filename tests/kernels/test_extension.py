@@ -205,7 +205,7 @@ def test_kv_append_empty_batch_writes_nothing(kv_case, guards):
 
 # --------------------------------------------------------------------------- block-causal attention
 
-# (B, H, block sizes, D): blocks of size 1, a block of 130 rows (three query tiles of 43-44), N not a
+# (B, H, block sizes, D): blocks of size 1, a block of 130 rows (query tiles of 64, 64 and 2), N not a
 # multiple of anything, batch 0 and 1, head dims 1, 40 and 64.
 BLOCK_CASES = [
     (2, 3, [1, 4, 1, 6], 16),
