@@ -49,7 +49,7 @@ namespace {
 
 bool check_common(const char* op, int64_t levels, int64_t grid_h, int64_t grid_w, const std::string& color,
                   int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(levels >= 1 && levels <= 30, op, ": levels must be in [1, 30], got ", levels);
+  TORCH_CHECK_VALUE(levels >= 0 && levels <= 30, op, ": levels must be in [0, 30], got ", levels);
   TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1, op, ": grid must be positive, got (", grid_h, ", ", grid_w, ")");
   TORCH_CHECK_VALUE(color == "ycbcr" || color == "rgb", op, ": color must be \"ycbcr\" or \"rgb\", got \"", color,
                     "\"");

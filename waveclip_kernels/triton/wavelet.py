@@ -47,6 +47,22 @@ def _program_tile(patch: int, levels: int) -> int:
 
 
 @triton.jit
+def _round_to(x, OUT: tl.constexpr):
+    """x (compute dtype) -> OUT, rounded to nearest even as torch's `.to()` rounds. float64 reaches the
+    16-bit types through float32, as in torch. bfloat16 is rounded on the bits: the interpreter's own
+    float32 -> bfloat16 cast truncates, and its float64 -> bfloat16 cast is wrong."""
+    if OUT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN -> the quiet NaN torch writes
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif OUT == tl.float16:
+        return x.to(tl.float32).to(tl.float16)
+    else:
+        return x.to(OUT)
+
+
+@triton.jit
 def _haar_split(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     """(2*ROWS, 2*COLS, 4) tile -> its polyphase parts a b / c d, each (ROWS, COLS, 4)."""
     x = tl.permute(tl.reshape(x, (ROWS, 2, COLS, 2, 4)), (0, 2, 4, 1, 3))
@@ -102,9 +118,9 @@ def _store_details(
     token = out_ptrs[S] + image * stride_ob[S] + cell * stride_og[S]
     band = token + ((3 * ch) * (PH * PW) + pos) * stride_of[S]
     out_ty = out_ptrs[S].dtype.element_ty
-    tl.store(band, ((a + b - c - d) * 0.5).to(out_ty), mask=mask)
-    tl.store(band + (PH * PW) * stride_of[S], ((a - b + c - d) * 0.5).to(out_ty), mask=mask)
-    tl.store(band + (2 * PH * PW) * stride_of[S], ((a - b - c + d) * 0.5).to(out_ty), mask=mask)
+    tl.store(band, _round_to((a + b - c - d) * 0.5, out_ty), mask=mask)
+    tl.store(band + (PH * PW) * stride_of[S], _round_to((a - b + c - d) * 0.5, out_ty), mask=mask)
+    tl.store(band + (2 * PH * PW) * stride_of[S], _round_to((a - b - c + d) * 0.5, out_ty), mask=mask)
 
 
 @triton.jit
@@ -164,6 +180,7 @@ def _tokenize_kernel(
     BY: tl.constexpr,  # stage-0 positions per program along rows (power of two)
     BX: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MIX: tl.constexpr,  # False for rgb: the channels are copied, not multiplied by the identity
 ):
     R: tl.constexpr = 1 << LEVELS  # pixels per stage-0 position along each axis
     pid_cell = tl.program_id(0).to(tl.int64)  # image * GH*GW + cell
@@ -184,8 +201,11 @@ def _tokenize_kernel(
     planes = tl.zeros((BY * R, BX * R, 4), dtype=COMPUTE)
     for c in tl.static_range(3):
         value = tl.load(pix + c * stride_ic, mask=mask, other=0.0).to(COMPUTE)
-        column = tl.load(mix_ptr + 3 * out_ch + c, mask=out_ch < 3, other=0.0)  # matrix[:, c]
-        planes += value[:, :, None] * column[None, None, :]
+        if MIX:
+            column = tl.load(mix_ptr + 3 * out_ch + c, mask=out_ch < 3, other=0.0)  # matrix[:, c]
+            planes += value[:, :, None] * column[None, None, :]
+        else:  # rgb: a select, so that a NaN stays in its channel
+            planes = tl.where(out_ch[None, None, :] == c, value[:, :, None], planes)
 
     # Level lvl splits the approximation into four half-size bands; its details are stage L-lvl+1.
     for lvl in tl.static_range(1, LEVELS + 1):
@@ -197,7 +217,9 @@ def _tokenize_kernel(
         planes = (a + b + c + d) * 0.5
     pos, ch, mask = _patch_offsets(tile_y, tile_x, PH0, PW0, BY, BX)
     token = out_ptrs[0] + image * stride_ob[0] + cell * stride_og[0]
-    tl.store(token + (ch * (PH0 * PW0) + pos) * stride_of[0], planes.to(out_ptrs[0].dtype.element_ty), mask=mask)
+    tl.store(
+        token + (ch * (PH0 * PW0) + pos) * stride_of[0], _round_to(planes, out_ptrs[0].dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -220,6 +242,7 @@ def _detokenize_kernel(
     BY: tl.constexpr,
     BX: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MIX: tl.constexpr,
 ):
     R: tl.constexpr = 1 << LEVELS
     pid_cell = tl.program_id(0).to(tl.int64)
@@ -246,9 +269,12 @@ def _detokenize_kernel(
     pix = img_ptr + image * stride_ib + y[:, None] * stride_ih + x[None, :] * stride_iw
     in_ch = tl.arange(0, 4)
     for c in tl.static_range(3):
-        row = tl.load(mix_ptr + 3 * c + in_ch, mask=in_ch < 3, other=0.0)  # matrix[c, :]
-        value = tl.sum(planes * row[None, None, :], axis=2)
-        tl.store(pix + c * stride_ic, value.to(img_ptr.dtype.element_ty), mask=mask)
+        if MIX:
+            row = tl.load(mix_ptr + 3 * c + in_ch, mask=in_ch < 3, other=0.0)  # matrix[c, :]
+            value = tl.sum(planes * row[None, None, :], axis=2)
+        else:  # rgb: a select, so that a NaN stays in its channel
+            value = tl.sum(tl.where(in_ch[None, None, :] == c, planes, 0.0), axis=2)
+        tl.store(pix + c * stride_ic, _round_to(value, img_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_shape(levels: int, grid: tuple[int, int], image_size: tuple[int, int]):
@@ -259,8 +285,9 @@ def _launch_shape(levels: int, grid: tuple[int, int], image_size: tuple[int, int
     return (ph0, pw0), (by, bx), triton.cdiv(ph0, by) * triton.cdiv(pw0, bx)
 
 
-def _meta(levels, grid, ph0, pw0, by, bx, dtype, num_warps):
+def _meta(levels, grid, ph0, pw0, by, bx, dtype, color, num_warps):
     return dict(
+        MIX=color != "rgb",
         LEVELS=levels,
         GH=grid[0],
         GW=grid[1],
@@ -313,7 +340,7 @@ def wavelet_tokenize(
         tuple(t.stride(0) for t in out),
         tuple(t.stride(1) for t in out),
         tuple(t.stride(2) for t in out),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, TOKENIZE_WARPS),
+        **_meta(levels, grid, ph0, pw0, by, bx, ct, color, TOKENIZE_WARPS),
     )
     return out
 
@@ -354,6 +381,6 @@ def wavelet_detokenize(
         tuple(t.stride(1) for t in tokens),
         tuple(t.stride(2) for t in tokens),
         *out.stride(),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, DETOKENIZE_WARPS),
+        **_meta(levels, grid, ph0, pw0, by, bx, ct, color, DETOKENIZE_WARPS),
     )
     return out

@@ -1,0 +1,191 @@
+"""Contracts every tokenizer backend that runs here must keep (reference, the C++ CPU op, Triton under
+the interpreter): levels=0, rounding of 16-bit outputs, the image size of the inverse, argument
+validation, and gradients (docs/design.md section 1)."""
+
+import numpy as np
+import pytest
+import torch
+
+import waveclip_kernels as wk
+from waveclip_kernels.common import YCBCR_FROM_RGB
+
+IMPLS = [i for i in ("reference", "cpu", "triton") if i in wk.available_impls("cpu")["wavelet_tokenize"]]
+
+
+def layout_oracle(x: torch.Tensor, grid, color: str) -> torch.Tensor:
+    """levels=0 written out: colour-mix every pixel, then token (gy, gx) feature (c, py, px) is pixel
+    (gy*Ph + py, gx*Pw + px) of channel c."""
+    if color == "ycbcr":
+        x = torch.einsum("oc,bchw->bohw", torch.tensor(YCBCR_FROM_RGB, dtype=x.dtype), x)
+    B, _, H, W = x.shape
+    gh, gw = grid
+    ph, pw = H // gh, W // gw
+    out = torch.empty(B, gh * gw, 3 * ph * pw, dtype=x.dtype)
+    for gy in range(gh):
+        for gx in range(gw):
+            out[:, gy * gw + gx] = x[:, :, gy * ph : (gy + 1) * ph, gx * pw : (gx + 1) * pw].reshape(B, -1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ levels=0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("color", ["ycbcr", "rgb"])
+def test_levels_zero_is_colour_and_layout_alone(impl, color):
+    x = torch.randn(2, 3, 6, 10, dtype=torch.float64)
+    tokens = wk.wavelet_tokenize(x, 0, (3, 2), color, impl=impl)
+    assert len(tokens) == 1 and tokens[0].shape == (2, 6, 30)
+    torch.testing.assert_close(tokens[0], layout_oracle(x, (3, 2), color), rtol=0, atol=1e-14)
+    back = wk.wavelet_detokenize(tokens, 0, (3, 2), color, image_size=(6, 10), impl=impl)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_levels_zero_low_precision_and_strided(impl):
+    x = torch.randn(1, 3, 8, 12).transpose(-1, -2).contiguous().transpose(-1, -2)
+    (tokens,) = wk.wavelet_tokenize(x, 0, (2, 3), "rgb", out_dtype=torch.float16, impl=impl)
+    assert torch.equal(tokens, layout_oracle(x, (2, 3), "rgb").to(torch.float16))
+    back = wk.wavelet_detokenize([tokens.transpose(0, 1).contiguous().transpose(0, 1)], 0, (2, 3), "rgb", (8, 12), impl)
+    assert torch.equal(back, x.to(torch.float16))
+
+
+# ---------------------------------------------------------------------------- 16-bit rounding
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("in_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_tokens_round_to_nearest_even(impl, in_dtype, out_dtype):
+    """rgb keeps every backend's arithmetic identical to the reference's, so the 16-bit tokens must be
+    bit-identical to torch's own rounding of the reference's tokens (truncation is off by one ulp in
+    half of the elements; a float64 -> bfloat16 cast gone wrong gives zeros and NaN)."""
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64).to(in_dtype)
+    x[0, 0, 0, 0] = float("nan")
+    tokens = wk.wavelet_tokenize(x, 2, (2, 3), "rgb", out_dtype=out_dtype, impl=impl)
+    exact = wk.wavelet_tokenize(x, 2, (2, 3), "rgb", impl="reference")
+    for t, e in zip(tokens, exact):
+        expected = e.to(out_dtype)
+        assert t.dtype == out_dtype
+        assert torch.equal(t.isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert finite.sum() > 0.9 * finite.numel()
+        assert torch.equal(t[finite], expected[finite])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_16bit_tokens_ycbcr_within_one_rounding(impl):
+    """With the colour matrix, backends may round float32 sums differently: at most one bfloat16 ulp."""
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    tokens = wk.wavelet_tokenize(x, 2, (2, 3), out_dtype=torch.bfloat16, impl=impl)
+    exact = wk.wavelet_tokenize(x, 2, (2, 3), impl="reference")
+    for t, e in zip(tokens, exact):
+        ulp = torch.finfo(torch.bfloat16).eps * e.abs().clamp_min(1e-3)
+        assert ((t.double() - e).abs() <= 0.5 * ulp + 1e-12).float().mean() > 0.99
+        assert ((t.double() - e).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_image_rounds_to_nearest_even(impl):
+    tokens = [t.to(torch.bfloat16) for t in wk.wavelet_tokenize(torch.randn(2, 3, 8, 16), 1, (1, 2), "rgb")]
+    image = wk.wavelet_detokenize(tokens, 1, (1, 2), "rgb", (8, 16), impl=impl)
+    exact = wk.wavelet_detokenize([t.double() for t in tokens], 1, (1, 2), "rgb", (8, 16), impl="reference")
+    assert torch.equal(image, exact.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------- image size
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_detokenize_needs_the_image_size(impl):
+    """16 x 64 and 32 x 32 images give tokens of one shape: the inverse cannot guess which."""
+    x = torch.randn(1, 3, 16, 64, dtype=torch.float64)
+    tokens = wk.wavelet_tokenize(x, 1, 1, impl=impl)
+    assert [t.shape for t in tokens] == [t.shape for t in wk.wavelet_tokenize(torch.randn(1, 3, 32, 32), 1, 1)]
+    with pytest.raises(ValueError, match="image_size is required"):
+        wk.wavelet_detokenize(tokens, 1, 1, impl=impl)
+    torch.testing.assert_close(wk.wavelet_detokenize(tokens, 1, 1, image_size=(16, 64), impl=impl), x)
+    with pytest.raises(ValueError, match="tokens\\[0\\] must have shape"):
+        wk.wavelet_detokenize(tokens, 1, 1, image_size=16, impl=impl)  # an int is a square: 16 x 16
+
+
+@pytest.mark.parametrize(
+    "image_size", [(16,), (16, 16, 3), "16", 16.0, True, (16, True), (0, 16), (np.int64(-16), 16), None]
+)
+def test_detokenize_bad_image_size(image_size):
+    tokens = wk.wavelet_tokenize(torch.randn(1, 3, 16, 16), 1, 2, impl="reference")
+    with pytest.raises(ValueError, match="image_size"):
+        wk.wavelet_detokenize(tokens, 1, 2, image_size=image_size, impl="reference")
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("grid", [True, (2, True), False, 2.0, (2, 2, 2), "2", np.bool_(True)])
+def test_grid_refuses_bools_floats_and_wrong_lengths(grid):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="grid must be"):
+        wk.wavelet_tokenize(x, 1, grid, impl="reference")
+    tokens = wk.wavelet_tokenize(x, 1, 2, impl="reference")
+    with pytest.raises(ValueError, match="grid must be"):
+        wk.wavelet_detokenize(tokens, 1, grid, image_size=16, impl="reference")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_ints_are_ints(impl):
+    x = torch.randn(1, 3, 16, 32, dtype=torch.float64)
+    expected = wk.wavelet_tokenize(x, 2, (2, 4), impl="reference")
+    grid = (np.int64(2), np.int32(4))
+    tokens = wk.wavelet_tokenize(x, np.int64(2), grid, impl=impl)
+    for t, e in zip(tokens, expected):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-14)
+    square = wk.wavelet_tokenize(x[..., :16], 1, np.int64(2), impl=impl)
+    back = wk.wavelet_detokenize(square, np.int64(1), np.int64(2), image_size=np.int64(16), impl=impl)
+    torch.testing.assert_close(back, x[..., :16])
+    back = wk.wavelet_detokenize(tokens, 2, grid, image_size=(np.int64(16), np.int64(32)), impl=impl)
+    torch.testing.assert_close(back, x)
+
+
+# -------------------------------------------------------------------------------- gradients
+
+# (levels, grid, (H, W)): levels=0, a non-square cell, two levels; tiny for the interpreter.
+GRAD_CASES = [(0, (1, 2), (2, 4)), (1, (1, 2), (4, 8)), (2, (1, 1), (4, 8))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("color", ["ycbcr", "rgb"])
+@pytest.mark.parametrize("levels,grid,size", GRAD_CASES)
+def test_gradcheck_tokenize_and_detokenize(impl, color, levels, grid, size, one_thread):
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    tokenize = lambda x: tuple(wk.wavelet_tokenize(x, levels, grid, color, impl=impl))  # noqa: E731
+    assert torch.autograd.gradcheck(tokenize, (x,), fast_mode=impl != "reference")
+    tokens = tuple(t.detach().requires_grad_() for t in tokenize(x))
+    detokenize = lambda *t: wk.wavelet_detokenize(list(t), levels, grid, color, size, impl=impl)  # noqa: E731
+    assert torch.autograd.gradcheck(detokenize, tokens, fast_mode=impl != "reference")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "triton"])
+def test_double_backward(impl, one_thread):
+    x = torch.randn(1, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    tokenize = lambda x: tuple(wk.wavelet_tokenize(x, 1, (1, 2), impl=impl))  # noqa: E731
+    assert torch.autograd.gradgradcheck(tokenize, (x,))
+    tokens = tuple(t.detach().requires_grad_() for t in tokenize(x))
+    detokenize = lambda *t: wk.wavelet_detokenize(list(t), 1, (1, 2), image_size=(4, 8), impl=impl)  # noqa: E731
+    assert torch.autograd.gradgradcheck(detokenize, tokens)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_of_one_stage_against_autograd_through_the_math(impl):
+    """Only the finest stage used, 16-bit tokens, float32 images: the gradient has the images' dtype and equals
+    autograd through the transform written out with torch ops (colour einsum, polyphase Haar)."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(2, 4, 36)
+    (wk.wavelet_tokenize(x, 2, 2, out_dtype=torch.bfloat16, impl=impl)[2].float() * w).sum().backward()
+    assert x.grad.dtype == torch.float32
+
+    y = torch.einsum("oc,bchw->bohw", torch.tensor(YCBCR_FROM_RGB), x)
+    a, b, c, d = y[..., 0::2, 0::2], y[..., 0::2, 1::2], y[..., 1::2, 0::2], y[..., 1::2, 1::2]
+    details = torch.stack(((a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2), dim=2)  # level 1
+    stage1 = details.reshape(2, 9, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 36)
+    (expected,) = torch.autograd.grad((stage1 * w.bfloat16().float()).sum(), x)  # .float()'s grad is bf16
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-5)
