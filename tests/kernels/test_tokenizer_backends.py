@@ -2,6 +2,11 @@
 the interpreter): levels=0, rounding of 16-bit outputs, the image size of the inverse, argument
 validation, and gradients (docs/design.md section 1)."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +194,158 @@ def test_gradient_of_one_stage_against_autograd_through_the_math(impl):
     stage1 = details.reshape(2, 9, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, 36)
     (expected,) = torch.autograd.grad((stage1 * w.bfloat16().float()).sum(), x)  # .float()'s grad is bf16
     torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the C++ header mirrors common
+
+
+@pytest.mark.skipif("cpu" not in IMPLS, reason="the C++ extension is not built")
+def test_csrc_header_mirrors_common():
+    """csrc/waveclip.h's colour matrix and stage geometry, read through the extension, equal common's."""
+    from waveclip_kernels import common, extension
+
+    ext = extension.load()
+    assert ext.color_matrix(True, False) == [list(row) for row in common.YCBCR_FROM_RGB]
+    for ycbcr, color in ((True, "ycbcr"), (False, "rgb")):
+        for inverse in (False, True):
+            expected = common.color_matrix(color, torch.float64, inverse=inverse)
+            got = torch.tensor(ext.color_matrix(ycbcr, inverse), dtype=torch.float64)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    for levels, grid, size in [
+        (0, (2, 3), (6, 9)),
+        (1, (3, 5), (6, 10)),
+        (3, (7, 7), (224, 224)),
+        (4, (1, 2), (80, 96)),
+    ]:
+        shapes = common.stage_shapes(levels, size)
+        patches = common.stage_patches(levels, grid, size)
+        dims = common.stage_dims(levels, grid, size)
+        expected = [[c, ph, pw, d] for (c, _, _), (ph, pw), d in zip(shapes, patches, dims)]
+        assert ext.stage_geometry(levels, *grid, *size) == expected
+
+
+# -------------------------------------------------------------------------- Triton launch rules
+
+triton_only = pytest.mark.skipif("triton" not in IMPLS, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+@triton_only
+def test_triton_launches_on_grid_axis_0_inside_the_device_guard(monkeypatch):
+    """Grid axes 1 and 2 are capped at 65535 on a GPU: every program sits on axis 0. The launch runs
+    inside the tensors' device guard (Triton launches on the current CUDA device)."""
+    from waveclip_kernels.triton import wavelet
+
+    grids, guarded_devices = [], []
+    for kernel in (wavelet._tokenize_kernel, wavelet._detokenize_kernel):
+        real = kernel.run
+
+        def run(*args, grid, _real=real, **kwargs):
+            grids.append(grid)
+            return _real(*args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    real_guard = wavelet._device_guard
+    monkeypatch.setattr(wavelet, "_device_guard", lambda t: guarded_devices.append(t.device) or real_guard(t))
+    x = torch.randn(2, 3, 16, 48)
+    tokens = wk.wavelet_tokenize(x, 1, (1, 1), impl="triton")  # 8 x 24 stage-0 patch: 2 programs a cell
+    wk.wavelet_detokenize(tokens, 1, (1, 1), image_size=(16, 48), impl="triton")
+    assert grids == [(2 * 2,), (2 * 2,)]
+    assert guarded_devices == [x.device, x.device]
+    assert not isinstance(wavelet._device_guard(x), torch.cuda.device)
+
+
+@triton_only
+def test_triton_device_guard_names_the_tensor_device():
+    from types import SimpleNamespace
+
+    from waveclip_kernels.triton import wavelet
+
+    guard = wavelet._device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@triton_only
+def test_triton_refuses_levels_it_would_spill_on():
+    from waveclip_kernels.triton import wavelet
+
+    x = torch.randn(1, 3, 1 << (wavelet.MAX_LEVELS + 1), 1 << (wavelet.MAX_LEVELS + 1))
+    with pytest.raises(ValueError, match="at most 6 levels"):
+        wk.wavelet_tokenize(x, wavelet.MAX_LEVELS + 1, 1, impl="triton")
+
+
+# ---------------------------------------------------------------- sm_90 code generation, no GPU
+
+SM90_TOKENIZER = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+
+class H200:  # what the launch path asks of a driver, for an sm_90 target
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+driver.set_active(H200())
+launch = JITFunction.run
+
+
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+    sys.stderr.flush()
+    print("KERNEL", self.fn.__name__, kwargs["LEVELS"], kwargs["BY"], kwargs["BX"], kwargs["num_warps"], flush=True)
+    return kernel
+
+
+JITFunction.run = compile_only
+from waveclip_kernels import triton as T
+
+for levels, size, grid, dtypes in %s:
+    for name in dtypes:
+        print("CASE", levels, size, name, flush=True)
+        x = torch.randn(1, 3, size, size, dtype=getattr(torch, name))
+        tokens = T.wavelet_tokenize(x, levels, (grid, grid), "ycbcr", x.dtype)
+        T.wavelet_detokenize(tokens, levels, (grid, grid), "ycbcr", (size, size))
+"""
+
+# (levels, image size, grid, dtypes): the default layout, 64 px cells (448 px, 7x7: a 64 x 64 tile before),
+# levels 0 and 5, and L = 6, where one 64 x 64 square is one program.
+SM90_CASES = [
+    (3, 224, 7, ("bfloat16", "float16", "float32", "float64")),
+    (3, 448, 7, ("float32", "float64")),
+    (0, 64, 2, ("float32",)),
+    (6, 64, 1, ("bfloat16", "float32", "float64")),
+]
+
+
+@pytest.mark.slow
+def test_tokenizer_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Through ptxas for sm_90 (registers and spills from its log): the 16- and 32-bit tokenizer
+    kernels spill nothing; float64 may spill a little (printed)."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}  # a cold cache: every kernel goes through ptxas
+    done = subprocess.run(
+        [sys.executable, "-c", SM90_TOKENIZER % (SM90_CASES,)], capture_output=True, text=True, timeout=1200, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", done.stderr)]
+    kernels = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("KERNEL")]
+    cases = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CASE")]
+    assert len(spills) == len(registers) == len(kernels) == 2 * len(cases)
+    for k, ((name, levels, by, bx, warps), regs, spill) in enumerate(zip(kernels, registers, spills)):
+        _, size, dtype = cases[k // 2]
+        tile = f"{int(by) << int(levels)}x{int(bx) << int(levels)}"
+        print(
+            f"L={levels} {size}px {dtype:8s} {name:18s} tile {tile:5s} warps {warps:2s}: {regs} regs, {spill} B spilled"
+        )
+        assert spill == 0 or dtype == "float64", f"{name} spills {spill} B in {dtype} at L={levels}"

@@ -18,6 +18,7 @@ dtype. Index arithmetic is int64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -26,13 +27,17 @@ import triton.language as tl
 
 from ..common import color_matrix, compute_dtype
 
-# A program covers at most MAX_TILE x MAX_TILE pixels (one 2**L square when that is larger): a 32 x 32
-# cell of the default presets is one program, 3 x 1024 values in registers.
-MAX_TILE = 64
-# ptxas for sm_90, L=3, 32 x 32 tile: the tokenizer needs 136-150 registers a thread at 4 warps and
-# 78-80 at 8 (more resident warps for a memory-bound kernel); the inverse needs 56 at 4 warps.
+# A program covers at most MAX_TILE x MAX_TILE pixels, or one 2**L x 2**L square when that is larger:
+# a 32 x 32 cell of the default presets is one program, 3 x 1024 values in registers. ptxas for sm_90
+# (tokenizer / inverse, registers a thread, spills): 32 x 32 tiles at 8 / 4 warps need 66-80 / 56 in
+# bf16, fp16 and fp32 and 138 / 128 in fp64, no spills; 64 x 64 tiles need 255 registers in fp32 and
+# spill 1.1 KB (fp64 tokenizer) and 19 KB (fp64 inverse) at those warp counts. So 32 x 32 for every
+# dtype; the one 64 x 64 square of L = 6 gets four times the warps (see `_warps`).
+MAX_TILE = 32
 TOKENIZE_WARPS = 8
 DETOKENIZE_WARPS = 4
+# A program holds a whole 2**L square: 128 x 128 (L = 7) spills tens of KB whatever the warp count.
+MAX_LEVELS = 6
 
 
 @functools.cache
@@ -44,6 +49,25 @@ def _mix_matrix(color: str, dtype: torch.dtype, device: torch.device, inverse: b
 def _program_tile(patch: int, levels: int) -> int:
     """Stage-0 positions one program covers along an axis: a power of two, <= MAX_TILE pixels."""
     return min(triton.next_power_of_2(patch), max(1, MAX_TILE >> levels))
+
+
+def _warps(base: int, levels: int) -> int:
+    """Warps per program: `base` for tiles of at most MAX_TILE x MAX_TILE pixels, scaled with the area
+    of a larger 2**L square so that each thread holds as many values."""
+    return base * max(1, ((1 << levels) // MAX_TILE) ** 2)
+
+
+def _check_levels(levels: int) -> None:
+    if levels > MAX_LEVELS:
+        raise ValueError(
+            f'impl="triton" runs at most {MAX_LEVELS} levels (one program holds a 2**levels pixel square), '
+            f'got {levels}; use impl="cuda" or "reference"'
+        )
+
+
+def _device_guard(t: torch.Tensor):
+    """Enter the tensor's CUDA device for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -183,12 +207,12 @@ def _tokenize_kernel(
     MIX: tl.constexpr,  # False for rgb: the channels are copied, not multiplied by the identity
 ):
     R: tl.constexpr = 1 << LEVELS  # pixels per stage-0 position along each axis
-    pid_cell = tl.program_id(0).to(tl.int64)  # image * GH*GW + cell
-    pid_tile = tl.program_id(1).to(tl.int64)  # rectangle inside the cell
-    image = pid_cell // (GH * GW)
-    cell = pid_cell % (GH * GW)
-    tile_y = pid_tile // tl.cdiv(PW0, BX)
-    tile_x = pid_tile % tl.cdiv(PW0, BX)
+    TILES: tl.constexpr = tl.cdiv(PH0, BY) * tl.cdiv(PW0, BX)  # rectangles per cell
+    pid = tl.program_id(0).to(tl.int64)  # (image * GH*GW + cell) * TILES + rectangle, on grid axis 0
+    image = pid // (TILES * GH * GW)
+    cell = (pid // TILES) % (GH * GW)
+    tile_y = (pid % TILES) // tl.cdiv(PW0, BX)
+    tile_x = (pid % TILES) % tl.cdiv(PW0, BX)
 
     # Read the rectangle once: three (BY*R, BX*R) colour planes mixed into one (BY*R, BX*R, 4) tile.
     ry = tile_y * (BY * R) + tl.arange(0, BY * R).to(tl.int64)
@@ -245,12 +269,12 @@ def _detokenize_kernel(
     MIX: tl.constexpr,
 ):
     R: tl.constexpr = 1 << LEVELS
-    pid_cell = tl.program_id(0).to(tl.int64)
-    pid_tile = tl.program_id(1).to(tl.int64)
-    image = pid_cell // (GH * GW)
-    cell = pid_cell % (GH * GW)
-    tile_y = pid_tile // tl.cdiv(PW0, BX)
-    tile_x = pid_tile % tl.cdiv(PW0, BX)
+    TILES: tl.constexpr = tl.cdiv(PH0, BY) * tl.cdiv(PW0, BX)
+    pid = tl.program_id(0).to(tl.int64)  # (image * GH*GW + cell) * TILES + rectangle
+    image = pid // (TILES * GH * GW)
+    cell = (pid // TILES) % (GH * GW)
+    tile_y = (pid % TILES) // tl.cdiv(PW0, BX)
+    tile_x = (pid % TILES) % tl.cdiv(PW0, BX)
 
     pos, ch, mask = _patch_offsets(tile_y, tile_x, PH0, PW0, BY, BX)
     token = tok_ptrs[0] + image * stride_tb[0] + cell * stride_tg[0]
@@ -314,7 +338,7 @@ def wavelet_tokenize(
     Args:
         images: (B, 3, H, W) float16/bfloat16/float32/float64, any strides; H divisible by
             2**levels * Gh and W by 2**levels * Gw (checked by the public API).
-        levels: Haar levels L >= 1.
+        levels: Haar levels 0 <= L <= MAX_LEVELS.
         grid: (Gh, Gw) token grid.
         color: "ycbcr" or "rgb".
         out_dtype: dtype of the tokens.
@@ -323,6 +347,7 @@ def wavelet_tokenize(
     Returns:
         L+1 tensors (B, Gh*Gw, dim_s), coarse to fine (contiguous unless `out` was given).
     """
+    _check_levels(levels)
     B, _, H, W = images.shape
     gh, gw = grid
     (ph0, pw0), (by, bx), tiles = _launch_shape(levels, grid, (H, W))
@@ -332,16 +357,17 @@ def wavelet_tokenize(
     if B == 0:
         return out
     ct = compute_dtype(images.dtype)
-    _tokenize_kernel[(B * gh * gw, tiles)](
-        images,
-        tuple(out),
-        _mix_matrix(color, ct, images.device, False),
-        *images.stride(),
-        tuple(t.stride(0) for t in out),
-        tuple(t.stride(1) for t in out),
-        tuple(t.stride(2) for t in out),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, color, TOKENIZE_WARPS),
-    )
+    with _device_guard(images):
+        _tokenize_kernel[(B * gh * gw * tiles,)](
+            images,
+            tuple(out),
+            _mix_matrix(color, ct, images.device, False),
+            *images.stride(),
+            tuple(t.stride(0) for t in out),
+            tuple(t.stride(1) for t in out),
+            tuple(t.stride(2) for t in out),
+            **_meta(levels, grid, ph0, pw0, by, bx, ct, color, _warps(TOKENIZE_WARPS, levels)),
+        )
     return out
 
 
@@ -365,6 +391,7 @@ def wavelet_detokenize(
     Returns:
         (B, 3, H, W) images in the tokens' dtype (contiguous unless `out` was given).
     """
+    _check_levels(levels)
     B = tokens[0].shape[0]
     (ph0, pw0), (by, bx), tiles = _launch_shape(levels, grid, image_size)
     dtype = tokens[0].dtype
@@ -373,14 +400,15 @@ def wavelet_detokenize(
     if B == 0:
         return out
     ct = compute_dtype(dtype)
-    _detokenize_kernel[(B * grid[0] * grid[1], tiles)](
-        tuple(tokens),
-        out,
-        _mix_matrix(color, ct, out.device, True),
-        tuple(t.stride(0) for t in tokens),
-        tuple(t.stride(1) for t in tokens),
-        tuple(t.stride(2) for t in tokens),
-        *out.stride(),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, color, DETOKENIZE_WARPS),
-    )
+    with _device_guard(out):
+        _detokenize_kernel[(B * grid[0] * grid[1] * tiles,)](
+            tuple(tokens),
+            out,
+            _mix_matrix(color, ct, out.device, True),
+            tuple(t.stride(0) for t in tokens),
+            tuple(t.stride(1) for t in tokens),
+            tuple(t.stride(2) for t in tokens),
+            *out.stride(),
+            **_meta(levels, grid, ph0, pw0, by, bx, ct, color, _warps(DETOKENIZE_WARPS, levels)),
+        )
     return out
