@@ -331,16 +331,18 @@ SM90_CASES = [
 @pytest.mark.slow
 def test_tokenizer_kernels_compile_for_sm90_without_spills(tmp_path):
     """Through ptxas for sm_90 (registers and spills from its log): the 16- and 32-bit tokenizer
-    kernels spill nothing; float64 may spill a little (printed)."""
+    kernels spill nothing and need at most 128 registers; float64 may spill a little (printed)."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}  # a cold cache: every kernel goes through ptxas
     done = subprocess.run(
-        [sys.executable, "-c", SM90_TOKENIZER % (SM90_CASES,)], capture_output=True, text=True, timeout=1200, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
-    registers = [int(n) for n in re.findall(r"Used (\d+) registers", done.stderr)]
-    kernels = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("KERNEL")]
-    cases = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CASE")]
+        [sys.executable, "-c", SM90_TOKENIZER % (SM90_CASES,)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200, env=env,
+    )  # fmt: skip
+    log = done.stdout  # the ptxas log (printed by Triton) and the KERNEL / CASE lines, in order
+    assert done.returncode == 0, log[-3000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    kernels = [line.split()[1:] for line in log.splitlines() if line.startswith("KERNEL")]
+    cases = [line.split()[1:] for line in log.splitlines() if line.startswith("CASE")]
     assert len(spills) == len(registers) == len(kernels) == 2 * len(cases)
     for k, ((name, levels, by, bx, warps), regs, spill) in enumerate(zip(kernels, registers, spills)):
         _, size, dtype = cases[k // 2]
@@ -348,4 +350,5 @@ def test_tokenizer_kernels_compile_for_sm90_without_spills(tmp_path):
         print(
             f"L={levels} {size}px {dtype:8s} {name:18s} tile {tile:5s} warps {warps:2s}: {regs} regs, {spill} B spilled"
         )
-        assert spill == 0 or dtype == "float64", f"{name} spills {spill} B in {dtype} at L={levels}"
+        if dtype != "float64":  # no spills, and registers for at least 2 programs of 8 warps per SM
+            assert spill == 0 and regs <= 128, f"{name} at L={levels} in {dtype}: {regs} registers, {spill} B spilled"
