@@ -352,3 +352,14 @@ def test_tokenizer_kernels_compile_for_sm90_without_spills(tmp_path):
         )
         if dtype != "float64":  # no spills, and registers for at least 2 programs of 8 warps per SM
             assert spill == 0 and regs <= 128, f"{name} at L={levels} in {dtype}: {regs} registers, {spill} B spilled"
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "triton"])
+def test_opcheck_with_gradients(impl):
+    """torch.library's own checks of the registration, autograd included (inputs that require grad)."""
+    from waveclip_kernels import _library
+
+    x = torch.randn(1, 3, 8, 12, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(_library.wavelet_tokenize, (x, 1, [2, 3], "ycbcr", torch.float64, impl))
+    tokens = [t.detach().requires_grad_() for t in wk.wavelet_tokenize(x, 1, (2, 3), impl=impl)]
+    torch.library.opcheck(_library.wavelet_detokenize, (tokens, 1, [2, 3], "ycbcr", [8, 12], impl))
