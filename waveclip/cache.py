@@ -2,8 +2,9 @@
 
 `WaveCLIP.start` creates an `InferenceState`; every `WaveCLIP.refine` appends one stage block's keys and
 values to the cache in place. The stage tokens may all be known from the start (tokenized images) or
-arrive one stage at a time with `refine(state, tokens=...)`. Samples that exit drop out of `active`; their cache rows stay where they
-are (the attention op maps active query rows to cache rows through `batch_index`).
+arrive one stage at a time with `refine(state, tokens=...)`. Samples that exit drop out of `active`;
+their cache rows stay where they are (the attention op maps active query rows to cache rows through
+`batch_index`).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class WaveCLIPModel(nn.Module):
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         if self.output_dict:
-            out = {"image_features": image_features, "text_features": text_features, "logit_scale": self.logit_scale.exp()}
+            out = {"image_features": image_features, "text_features": text_features}
+            out["logit_scale"] = self.logit_scale.exp()
             if self.logit_bias is not None:
                 out["logit_bias"] = self.logit_bias
             return out
@@ -136,7 +137,8 @@ def create_model_and_transforms(
     if pretrained is not None:
         student = WaveCLIP.from_pretrained(pretrained, impl=impl)
         config = student.config
-        differs = [f"{k} {getattr(config, k)} vs {getattr(preset, k)}" for k in GEOMETRY if getattr(config, k) != getattr(preset, k)]
+        differs = [f"{k} {getattr(config, k)} vs {getattr(preset, k)}" for k in GEOMETRY]
+        differs = [d for d, k in zip(differs, GEOMETRY) if getattr(config, k) != getattr(preset, k)]
         if differs:
             raise ValueError(f"{pretrained} is not a {model_name} checkpoint ({', '.join(differs)})")
         if teacher is not None:

@@ -86,7 +86,8 @@ class WaveCLIPConfig:
             setattr(self, name, _positive_int(name, getattr(self, name)))
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if not isinstance(self.mlp_ratio, numbers.Real) or not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
+        ratio = self.mlp_ratio
+        if not isinstance(ratio, numbers.Real) or not ratio > 0 or int(self.width * ratio) < 1:
             raise ValueError(f"mlp_ratio must be a positive number (width * mlp_ratio >= 1), got {self.mlp_ratio!r}")
         if not isinstance(self.teacher, str):
             raise ValueError(f"teacher must be an open_clip model name (a str), got {self.teacher!r}")

@@ -355,16 +355,16 @@ class WaveCLIP(nn.Module):
                 sizes); its trunk sizes must match the teacher's.
             impl: kernel impl of the student.
         """
-        visual_record = getattr(teacher, TEACHER_RECORD, None)
+        loader_record = getattr(teacher, TEACHER_RECORD, None)
         if config is None:
-            if visual_record is None:
+            if loader_record is None:
                 raise ValueError(
                     "from_open_clip cannot tell which open_clip model this teacher is: load it with "
                     "waveclip.load_teacher(name, weights), or pass a config whose `teacher` names it"
                 )
             config = dataclasses.replace(PRESETS["waveclip-vit-b-16"], **trunk_config(teacher))
         check_trunk(config, teacher)
-        record = dict(visual_record or {}, teacher_text_sha256=text_tower_sha256(teacher))
+        record = dict(loader_record or {}, teacher_text_sha256=text_tower_sha256(teacher))
         config = dataclasses.replace(config, **record)
         visual = getattr(teacher, "visual", teacher)
         student = cls(config, impl=impl).to(device=visual.proj.device, dtype=visual.proj.dtype)

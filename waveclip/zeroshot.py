@@ -86,7 +86,8 @@ class ZeroShotClassifier:
             )
         if class_names is not None and len(class_names) != class_embeddings.shape[0]:
             raise ValueError(f"{len(class_names)} class names for {class_embeddings.shape[0]} class embeddings")
-        thresholds = check_thresholds(model.config.thresholds if thresholds is None else thresholds, model.config.levels)
+        thresholds = model.config.thresholds if thresholds is None else thresholds
+        thresholds = check_thresholds(thresholds, model.config.levels)
         self.model = model
         self.class_embeddings = F.normalize(class_embeddings.detach().to(model.proj), dim=-1)
         self.class_names = list(class_names) if class_names is not None else None

@@ -32,7 +32,7 @@ def photos(tiny):
 
 
 def test_create_model_and_transforms_gives_a_clip_like_model(tiny, photos):
-    model, preprocess_train, preprocess_val = tiny
+    model, preprocess_train, _ = tiny
     assert isinstance(model, WaveCLIPModel) and isinstance(model.visual, WaveCLIP) and not model.training
     assert photos.shape == (5, 3, 32, 32) and callable(preprocess_train)
     config = model.visual.config

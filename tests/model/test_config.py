@@ -60,7 +60,7 @@ def test_every_preset_is_valid_and_round_trips_through_json():
 
 def test_from_dict_names_unknown_fields():
     fields = dataclasses.asdict(PRESETS["waveclip-tiny"]) | {"colour": "rgb"}
-    with pytest.raises(ValueError, match="unknown WaveCLIPConfig field.*'colour'"):
+    with pytest.raises(ValueError, match=r"unknown WaveCLIPConfig field.*'colour'"):
         WaveCLIPConfig.from_dict(fields)
 
 

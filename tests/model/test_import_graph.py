@@ -110,7 +110,7 @@ def plant(root: pathlib.Path, files: dict[str, str]) -> None:
         ({"waveclip_kernels/api.py": "import waveclip.config\n"}, "upward"),
         ({"bench/run.py": "from waveclip_cli.main import main\n"}, "upward"),
         ({"waveclip/model.py": "from .interop import x\n", "waveclip/interop.py": "from . import model\n"}, "cycle"),
-        ({"waveclip_train/a.py": "from waveclip_train.b import y\n", "waveclip_train/b.py": "import waveclip_train.a\n"}, "cycle"),
+        ({"waveclip_train/a.py": "from .b import y\n", "waveclip_train/b.py": "import waveclip_train.a"}, "cycle"),
     ],
 )
 def test_a_planted_bad_import_is_found(tmp_path, files, problem):

@@ -147,7 +147,7 @@ def test_broken_checkpoints_raise_value_errors_naming_the_file(tmp_path):
     weights.write_bytes(good)
     fields = json.loads(config.read_text())
     config.write_text(json.dumps(fields | {"colour": "rgb"}))
-    with pytest.raises(ValueError, match=f"{config}: not a valid WaveCLIP config: unknown WaveCLIPConfig field.*'colour'"):
+    with pytest.raises(ValueError, match=f"{config}: not a valid WaveCLIP config: unknown .*'colour'"):
         WaveCLIP.from_pretrained(tmp_path)
     config.write_text(json.dumps(fields | {"heads": 0}))
     with pytest.raises(ValueError, match=f"{config}: .*heads must be a positive int"):
@@ -165,7 +165,8 @@ def test_from_open_clip_records_the_real_teacher():
     teacher = load_teacher("ViT-B-32")
     student = WaveCLIP.from_open_clip(teacher)
     cfg = student.config
-    assert (cfg.teacher, cfg.teacher_config, cfg.teacher_weights, cfg.teacher_patch_size) == ("ViT-B-32", None, None, 32)
+    assert (cfg.teacher, cfg.teacher_config, cfg.teacher_weights) == ("ViT-B-32", None, None)
+    assert cfg.teacher_patch_size == 32
     assert len(cfg.teacher_text_sha256) == 64
 
 

@@ -9,6 +9,7 @@ arriving one stage at a time), larger images, the gate and the FLOP count at eve
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -158,8 +159,8 @@ def test_exit_gflops_at_every_size_match_fvcore(k):
     assert len(gflops) == L + 1 - k
     full = exit_gflops(TINY)
     # Past stage 0 a stage costs the same at every size; stage 0 differs by the tokenizer alone.
-    steps = [b - a for a, b in zip(gflops, gflops[1:])]
-    assert steps == pytest.approx([b - a for a, b in zip(full, full[1 : len(gflops)])], rel=1e-12)
+    steps = [b - a for a, b in itertools.pairwise(gflops)]
+    assert steps == pytest.approx([b - a for a, b in itertools.pairwise(full[: len(gflops)])], rel=1e-12)
     assert gflops[0] < full[0] or k == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
