@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model
 
 import waveclip_kernels as wk
 from waveclip import WaveCLIP, WaveCLIPConfig
@@ -33,8 +32,8 @@ def run_incremental(model, x, **kwargs):
     return state
 
 
-def test_forward_shapes_and_unit_exits():
-    model = tiny_model()
+def test_forward_shapes_and_unit_exits(tiny_tower):
+    model = tiny_tower()
     z = model(images(3))
     assert z.shape == (3, TINY.num_stages, TINY.embed_dim)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(3, TINY.num_stages))
@@ -50,8 +49,8 @@ def test_config_geometry():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_incremental_equals_full_pass(dtype, tol, batch):
-    model = tiny_model(dtype)
+def test_incremental_equals_full_pass(dtype, tol, batch, tiny_tower):
+    model = tiny_tower(dtype)
     x = images(batch, dtype)
     with torch.no_grad():
         full = model(x)
@@ -65,8 +64,8 @@ def test_incremental_equals_full_pass(dtype, tol, batch):
     assert rel_err(state.embeddings, full) <= tol
 
 
-def test_incremental_with_a_non_square_grid():
-    model = tiny_model(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
+def test_incremental_with_a_non_square_grid(tiny_tower):
+    model = tiny_tower(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
     x = images(2, torch.float64, model.config)
     with torch.no_grad():
         full = model(x)
@@ -78,8 +77,8 @@ def test_incremental_with_a_non_square_grid():
     "dtype, tol, impl",
     [(torch.float32, 1e-5, "auto"), (torch.float64, 1e-12, "auto"), (torch.float64, 1e-12, "reference")],
 )
-def test_batched_early_exit_equals_one_by_one(dtype, tol, impl):
-    model = tiny_model(dtype)
+def test_batched_early_exit_equals_one_by_one(dtype, tol, impl, tiny_tower):
+    model = tiny_tower(dtype)
     model.impl = impl
     x = images(5, dtype)
     state = model.start(x)
@@ -101,8 +100,8 @@ def test_batched_early_exit_equals_one_by_one(dtype, tol, impl):
         assert state.embeddings[b, ran:].isnan().all()
 
 
-def test_refine_rejects_bad_active_sets_before_writing():
-    model = tiny_model()
+def test_refine_rejects_bad_active_sets_before_writing(tiny_tower):
+    model = tiny_tower()
     state = model.start(images(3))
     model.refine(state, active=[0, 2])
     keys, lens = state.keys.clone(), state.cache_lens.clone()
@@ -118,9 +117,9 @@ def test_refine_rejects_bad_active_sets_before_writing():
         model.refine(state)
 
 
-def test_everyone_exiting_stops_the_state_where_it_is():
+def test_everyone_exiting_stops_the_state_where_it_is(tiny_tower):
     """refine(active=[]) exits everyone without running or advancing; a later refine is an error."""
-    model = tiny_model()
+    model = tiny_tower()
     state = model.start(images(2))
     keys = state.keys.clone()
     z = model.refine(state, active=[])
@@ -133,9 +132,9 @@ def test_everyone_exiting_stops_the_state_where_it_is():
 
 
 @pytest.mark.parametrize("s", [0, 1])
-def test_block_causality_token_level_is_bit_exact(s):
+def test_block_causality_token_level_is_bit_exact(s, tiny_tower):
     """Changing the tokens of stages > s leaves exits <= s bit-identical, in both passes."""
-    model = tiny_model()
+    model = tiny_tower()
     tokens = model.tokenize(images(2))
     changed = [t if i <= s else torch.randn_like(t) for i, t in enumerate(tokens)]
     with torch.no_grad():
@@ -144,9 +143,9 @@ def test_block_causality_token_level_is_bit_exact(s):
     assert not torch.equal(a[:, s + 1 :], b[:, s + 1 :])
 
 
-def test_causality_under_finer_image_detail():
+def test_causality_under_finer_image_detail(tiny_tower):
     """Images that differ only in their finest wavelet detail give the same coarser exits."""
-    model = tiny_model(torch.float64)
+    model = tiny_tower(torch.float64)
     cfg = model.config
     tokens = wk.wavelet_tokenize(images(2, torch.float64), cfg.levels, cfg.grid, cfg.color)
     detail = tokens[:-1] + [torch.randn_like(tokens[-1])]
@@ -162,9 +161,9 @@ def test_causality_under_finer_image_detail():
     torch.testing.assert_close(state0.embeddings[:, :2], state1.embeddings[:, :2], rtol=0, atol=1e-12)
 
 
-def test_impl_is_passed_through_to_the_ops():
+def test_impl_is_passed_through_to_the_ops(tiny_tower):
     x = images(2)
-    model = tiny_model()
+    model = tiny_tower()
     with torch.no_grad():
         ref = model(x, impl="reference")
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
@@ -174,13 +173,12 @@ def test_impl_is_passed_through_to_the_ops():
         WaveCLIP(TINY, impl="fast")
 
 
-def test_constructor_accepts_only_impls_that_run_every_op(monkeypatch):
+def test_constructor_accepts_only_impls_that_run_every_op(monkeypatch, tiny_tower):
     """An explicit impl is refused at construction unless `available_impls` lists it for every op."""
     for impl in ("cpu", "cuda", "triton", "reference"):
-        device = "cuda" if impl == "cuda" else "cpu"
-        runs = wk.available_impls(device)
+        runs = wk.available_impls("cuda" if impl == "cuda" else "cpu")
         if all(impl in runs[op] for op in ("wavelet_tokenize", "block_causal_attention", "attention_with_kv_append")):
-            model = tiny_model()
+            model = tiny_tower()
             model.impl = impl
             state = model.start(images(1))  # every method runs
             model.refine(state)
@@ -196,16 +194,16 @@ def test_constructor_accepts_only_impls_that_run_every_op(monkeypatch):
 
 
 @pytest.mark.parametrize("size", [(30, 32), (32, 40), (24, 24), (16, 32), (96, 96), (64, 32)])
-def test_image_size_that_does_not_fit_raises(size):
-    model = tiny_model()
+def test_image_size_that_does_not_fit_raises(size, tiny_tower):
+    model = tiny_tower()
     with pytest.raises(ValueError, match="takes 32x32, 16x16, 8x8"):
         model(torch.randn(1, 3, *size))
     with pytest.raises(ValueError, match="takes 32x32, 16x16, 8x8"):
         model.start(torch.randn(1, 3, *size))
 
 
-def test_bad_inputs_raise_clearly():
-    model = tiny_model()
+def test_bad_inputs_raise_clearly(tiny_tower):
+    model = tiny_tower()
     with pytest.raises(ValueError, match="3 channels"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):

@@ -15,7 +15,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
 
 from waveclip import WaveCLIPConfig, ZeroShotClassifier
 from waveclip.flops import exit_gflops, fvcore_exit_gflops
@@ -52,8 +51,8 @@ def test_haar_coefficients_of_the_box_average_are_scaled_by_2_to_the_k(k):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", range(1, L + 1))
-def test_small_image_tokens_are_the_leading_stages_of_the_full_image(k, dtype):
-    model = tiny_model(dtype)
+def test_small_image_tokens_are_the_leading_stages_of_the_full_image(k, dtype, tiny_tower):
+    model = tiny_tower(dtype)
     x = torch.randn(2, 3, *TINY.image_size, dtype=dtype)
     small, full = model.tokenize(box_average(x, k)), model.tokenize(x)
     assert len(small) == model.num_stages_for(small_size(k)) == L + 1 - k
@@ -67,8 +66,8 @@ def small_size(k):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", range(1, L + 1))
-def test_small_image_exits_equal_those_of_any_full_image_it_averages(k, dtype):
-    model = tiny_model(dtype)
+def test_small_image_exits_equal_those_of_any_full_image_it_averages(k, dtype, tiny_tower):
+    model = tiny_tower(dtype)
     x = torch.randn(3, 3, *TINY.image_size, dtype=dtype)
     y = box_average(x, k)
     n = L + 1 - k
@@ -90,8 +89,8 @@ def test_small_image_exits_equal_those_of_any_full_image_it_averages(k, dtype):
     assert state.cache_lens.tolist() == [sum(TINY.block_sizes[:n])] * 3
 
 
-def test_larger_image_is_answered_as_its_box_average():
-    model = tiny_model(torch.float64)
+def test_larger_image_is_answered_as_its_box_average(tiny_tower):
+    model = tiny_tower(torch.float64)
     big = torch.randn(2, 3, 128, 128, dtype=torch.float64)
     with torch.no_grad():
         got, want = model(big), model(box_average(big, 2))
@@ -99,10 +98,10 @@ def test_larger_image_is_answered_as_its_box_average():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_progressive_tokens_give_the_answers_of_the_image():
+def test_progressive_tokens_give_the_answers_of_the_image(tiny_tower):
     """start(tokens=[stage 0]), then each refine brings the next stage's tokens (for everyone, or for
     the samples that go on only): the exits equal those from the image."""
-    model = tiny_model(torch.float64)
+    model = tiny_tower(torch.float64)
     x = torch.randn(4, 3, *TINY.image_size, dtype=torch.float64)
     tokens = model.tokenize(x)
     from_image = model.start(x)
@@ -117,8 +116,8 @@ def test_progressive_tokens_give_the_answers_of_the_image():
     torch.testing.assert_close(state.embeddings, from_image.embeddings, rtol=0, atol=1e-12, equal_nan=True)
 
 
-def test_progressive_tokens_are_checked_before_anything_runs():
-    model = tiny_model()
+def test_progressive_tokens_are_checked_before_anything_runs(tiny_tower):
+    model = tiny_tower()
     tokens = model.tokenize(torch.randn(2, 3, *TINY.image_size))
     state = model.start(tokens=tokens[:1])
     lens = state.cache_lens.clone()
@@ -136,8 +135,8 @@ def test_progressive_tokens_are_checked_before_anything_runs():
 
 
 @pytest.mark.parametrize("k", range(L + 1))
-def test_zero_shot_predicts_at_every_size(k):
-    model = tiny_model(torch.float64)
+def test_zero_shot_predicts_at_every_size(k, tiny_tower):
+    model = tiny_tower(torch.float64)
     classes = torch.randn(4, TINY.embed_dim, dtype=torch.float64)
     clf = ZeroShotClassifier(model, classes, logit_scale=30.0, thresholds=(2.0,) * L)  # nobody exits early
     y = box_average(torch.randn(3, 3, *TINY.image_size, dtype=torch.float64), k)
@@ -152,8 +151,8 @@ def test_zero_shot_predicts_at_every_size(k):
 
 
 @pytest.mark.parametrize("k", range(L + 1))
-def test_exit_gflops_at_every_size_match_fvcore(k):
-    model = tiny_model()
+def test_exit_gflops_at_every_size_match_fvcore(k, tiny_tower):
+    model = tiny_tower()
     size = small_size(k)
     gflops = exit_gflops(TINY, size)
     assert len(gflops) == L + 1 - k
