@@ -161,8 +161,8 @@ class WaveCLIP(nn.Module):
         """(B, 3, H, W) CLIP-preprocessed images -> their stage tokens (B, Gh*Gw, dim_s) in the model's dtype.
 
         At the config's image size: all L+1 stages. At `image_size / 2**k`: the first L+1-k stages,
-        tokenized with L-k levels and multiplied by 2**k, which makes them equal to those of any
-        full-size image whose 2**k x 2**k box averages the input is. At `image_size * 2**j`: the image
+        tokenized with L-k levels and multiplied by 2**k, which makes them equal to the leading
+        stages of any full-size image whose 2**k x 2**k box average the input is. At `image_size * 2**j`: the image
         is box-averaged to `image_size` first, which is exactly dropping its j finest detail levels.
         """
         cfg = self.config
