@@ -279,19 +279,17 @@ def cmd_bench(args) -> int:
 
 
 def _delegate(module_name: str, argv: list[str]) -> int:
-    """Run waveclip_train.<module_name>'s own parser (`add_arguments`) and `run` on the remaining arguments."""
+    """Run waveclip_cli.<module_name>'s own parser (`add_arguments`) and `run` on the remaining arguments."""
     try:
-        module = importlib.import_module(f"waveclip_train.{module_name}")
+        module = importlib.import_module(f"waveclip_cli.{module_name}")
     except ModuleNotFoundError as err:
-        if err.name == f"waveclip_train.{module_name}":
+        if err.name == f"waveclip_cli.{module_name}":
             raise UserError(
-                f"`{PROG} {module_name}` is not available: waveclip_train/{module_name}.py is missing"
+                f"`{PROG} {module_name}` is not available: waveclip_cli/{module_name}.py is missing"
             ) from err
         raise
     if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
-        raise UserError(
-            f"`{PROG} {module_name}` is not available: waveclip_train.{module_name} has no add_arguments/run"
-        )
+        raise UserError(f"`{PROG} {module_name}` is not available: waveclip_cli.{module_name} has no add_arguments/run")
     parser = argparse.ArgumentParser(prog=f"{PROG} {module_name}", description=(module.__doc__ or "").split("\n\n")[0])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)

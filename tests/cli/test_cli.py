@@ -188,7 +188,7 @@ def test_distill_and_calibrate_delegate_their_options(capsys):
 
 
 def test_missing_delegate_module_is_one_line(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "waveclip_train.calibrate", None)
+    monkeypatch.setitem(sys.modules, "waveclip_cli.calibrate", None)
     code, _, err = run(capsys, "calibrate", "--checkpoint", "x")
     assert_one_line_error(code, err, "waveclip calibrate.*not available")
 
