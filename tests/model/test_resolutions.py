@@ -166,3 +166,18 @@ def test_exit_gflops_at_every_size_match_fvcore(k, tiny_tower):
         counted = fvcore_exit_gflops(model, torch.randn(2, 3, *size))
     assert counted == pytest.approx(gflops, rel=1e-9)
     assert exit_gflops(TINY, (64, 64))[1:] == pytest.approx([g + 3 * 64 * 64 / 1e9 for g in full[1:]], rel=1e-12)
+
+
+def test_a_levels_zero_tower_is_one_stage_without_a_gate(tiny_tower):
+    """levels=0: one stage (the colour-mixed image on the grid), nothing to refine, the only exit answers."""
+    model = tiny_tower(torch.float64, image_size=8, levels=0, thresholds=())
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = model(x)
+    state = model.start(x)
+    assert full.shape == (3, 1, TINY.embed_dim) and state.done
+    torch.testing.assert_close(state.latest(), full[:, 0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="every stage has run"):
+        model.refine(state)
+    preds = ZeroShotClassifier(model, torch.randn(4, TINY.embed_dim, dtype=torch.float64)).predict(x)
+    assert [p.exit_stage for p in preds] == [0, 0, 0]
