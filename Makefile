@@ -1,7 +1,7 @@
 # Every target creates the virtual environment (.venv) first when it is missing or stale.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml requirements.txt
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml requirements.txt requirements-nodeps.txt
 
 .PHONY: setup run test test-fast lint format bench cuda-check clean
 
@@ -10,6 +10,7 @@ setup: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	MAX_JOBS=2 WAVECLIP_CUDA=0 $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
