@@ -44,11 +44,13 @@ class InferenceState:
         """Empty caches for every stage of a batch; nothing has run yet."""
         B, dtype, device = tokens[0].shape[0], tokens[0].dtype, tokens[0].device
         shape = (layers, B, heads, seq_len, head_dim)
+        # Under autocast the QKV projection yields the autocast dtype: the caches hold what it yields.
+        kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
         return cls(
             tokens=tokens,
             num_stages=num_stages,
-            keys=torch.empty(shape, dtype=dtype, device=device),
-            values=torch.empty(shape, dtype=dtype, device=device),
+            keys=torch.empty(shape, dtype=kv_dtype, device=device),
+            values=torch.empty(shape, dtype=kv_dtype, device=device),
             cache_lens=torch.zeros(B, dtype=torch.int64, device=device),
             active=torch.arange(B, device=device),
             stage=-1,

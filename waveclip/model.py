@@ -335,7 +335,7 @@ class WaveCLIP(nn.Module):
         z = self.exit(x[:, 0])
         state.cache_lens[rows] += n
         state.last_stage[rows] = s
-        state.embeddings[rows, s] = z
+        state.embeddings[rows, s] = z.to(state.embeddings.dtype)
         return z
 
     # ------------------------------------------------------------------------- checkpoints, teacher

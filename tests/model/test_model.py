@@ -64,6 +64,21 @@ def test_incremental_equals_full_pass(dtype, tol, batch, tiny_tower):
     assert rel_err(state.embeddings, full) <= tol
 
 
+def test_incremental_pass_runs_under_autocast(tiny_tower):
+    """Under bf16 autocast (the command line's amp) the caches take the dtype the QKV projection yields,
+    and the exits of start + refine agree with the autocast full pass to bf16 accuracy."""
+    model = tiny_tower(torch.float32)
+    x = images(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+        state = model.start(x)
+        while not state.done:
+            model.refine(state)
+    assert state.keys.dtype == state.values.dtype == torch.bfloat16
+    assert state.embeddings.dtype == torch.float32
+    assert rel_err(state.embeddings, full.float()) <= 3e-2
+
+
 def test_incremental_with_a_non_square_grid(tiny_tower):
     model = tiny_tower(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
     x = images(2, torch.float64, model.config)
