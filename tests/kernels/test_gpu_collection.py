@@ -40,9 +40,7 @@ def run_without_optional_packages(tmp_path: pathlib.Path, *args: str) -> subproc
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_blocker_makes_the_packages_unimportable(tmp_path):
