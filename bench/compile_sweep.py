@@ -19,7 +19,8 @@ Rules (exit status 1 when one breaks):
   - a kept config needs at most SHARED_LIMIT bytes of shared memory (Hopper's per-block maximum);
   - a kept float16/bfloat16 config spills nothing (float32/float64 spills are reported);
   - every kept config compiles.
-A config the pruning drops is compiled and reported, never a failure. Workloads run in parallel
+A config the pruning drops is listed (compiled and measured with --all-configs: a 128-row float64
+tile takes minutes), never a failure. Workloads run in parallel
 processes, each with its own fresh Triton cache (so ptxas runs and reports), and write one CSV row
 per compile.
 """
@@ -128,8 +129,9 @@ def _emit(row: dict) -> None:
     print(ROW_MARK + json.dumps(row), flush=True)
 
 
-def run_workload(name: str, dtype_name: str, head_dim: int | None) -> None:
-    """Compile every launch of one workload; print one marked JSON row per compile (this process)."""
+def run_workload(name: str, dtype_name: str, head_dim: int | None, all_configs: bool = False) -> None:
+    """Compile every launch of one workload; print one marked JSON row per config (this process).
+    Configs the pruning drops are listed, and compiled only with `all_configs`."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     import torch
@@ -167,12 +169,18 @@ def run_workload(name: str, dtype_name: str, head_dim: int | None) -> None:
         try:
             kept = {str(c): c for c in self.prune_configs(kwargs)}
         except Exception as err:
-            _emit(dict(base, kernel=self.base_fn.__name__, config="(pruning)", kept=True, verdict="error", note=str(err)))
+            name = self.base_fn.__name__
+            _emit(dict(base, kernel=name, config="(pruning)", kept=True, verdict="error", note=f"{err}"))
             kept = {}
         candidates = {str(c): c for c in self.configs}
         candidates.update(kept)  # a pruning function may make up configs of its own
         for text, config in candidates.items():
-            current.update(kept=text in kept, config=_label({**config.kwargs, **config.all_kwargs()}, set(config.kwargs)))
+            if text not in kept and not all_configs:
+                label = _label({**config.kwargs, **config.all_kwargs()}, set(config.kwargs))
+                _emit(dict(base, kernel=self.base_fn.__name__, config=label, kept=False, note="not compiled"))
+                continue
+            label = _label({**config.kwargs, **config.all_kwargs()}, set(config.kwargs))
+            current.update(kept=text in kept, config=label)
             try:
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
@@ -214,22 +222,24 @@ def _tasks(dtypes: list[str], head_dims: list[int], only: list[str] | None) -> l
     return sorted(tasks, key=lambda t: (rank[t[1]], -(t[2] or 0)))
 
 
-def _run_task(task, cache_root: str, timeout_s: float) -> list[dict]:
+def _run_task(task, cache_root: str, timeout_s: float, all_configs: bool) -> list[dict]:
     name, dtype, d = task
     env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(dir=cache_root))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "bench.compile_sweep", "--one", json.dumps(list(task))]
+    cmd = [sys.executable, "-m", "bench.compile_sweep", "--one", json.dumps([*task, all_configs])]
     base = {"workload": name, "dtype": dtype, "head_dim": d if d is not None else ""}
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         rows = [json.loads(line[len(ROW_MARK) :]) for line in out.splitlines() if line.startswith(ROW_MARK)]
-        return [*rows, dict(base, kernel="?", config="?", kept=True, verdict="error", note=f"timed out after {timeout_s:.0f} s")]
+        note = f"timed out after {timeout_s:.0f} s"
+        return [*rows, dict(base, kernel="?", config="?", kept=True, verdict="error", note=note)]
     rows = [json.loads(line[len(ROW_MARK) :]) for line in done.stdout.splitlines() if line.startswith(ROW_MARK)]
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        rows.append(dict(base, kernel="?", config="?", kept=True, verdict="error", note=f"workload failed: {tail[0][:300]}"))
+        note = f"workload failed: {tail[0][:300]}"
+        rows.append(dict(base, kernel="?", config="?", kept=True, verdict="error", note=note))
     return rows
 
 
@@ -245,7 +255,8 @@ def judge(row: dict) -> dict:
             problems.append(f"shared {shared} B > {SHARED_LIMIT} B")
         spills = int(row.get("spill_stores") or 0) + int(row.get("spill_loads") or 0)
         if spills and row["dtype"] in LOW_PRECISION:
-            problems.append(f"{row['dtype']} spills {row.get('spill_stores')} B stores / {row.get('spill_loads')} B loads")
+            stores, loads = row.get("spill_stores"), row.get("spill_loads")
+            problems.append(f"{row['dtype']} spills {stores} B stores / {loads} B loads")
     if not kept:
         row["verdict"] = "pruned"
         if problems:
@@ -268,7 +279,9 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep(dtypes, head_dims, jobs: int, csv_path: pathlib.Path, only=None, timeout_s: float = 1500) -> int:
+def sweep(
+    dtypes, head_dims, jobs: int, csv_path: pathlib.Path, only=None, timeout_s: float = 1500, all_configs=False
+) -> int:
     """Run the sweep; print the table; write the CSV row by row; return the exit status."""
     tasks = _tasks(dtypes, head_dims, only)
     start = time.perf_counter()
@@ -279,7 +292,7 @@ def sweep(dtypes, head_dims, jobs: int, csv_path: pathlib.Path, only=None, timeo
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         with futures.ThreadPoolExecutor(jobs) as pool:  # each thread waits on one subprocess
-            pending = [pool.submit(_run_task, t, cache_root, timeout_s) for t in tasks]
+            pending = [pool.submit(_run_task, t, cache_root, timeout_s, all_configs) for t in tasks]
             for done in futures.as_completed(pending):
                 for row in map(judge, done.result()):
                     rows.append(row)
@@ -316,13 +329,16 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--csv", type=pathlib.Path, default=DEFAULT_CSV)
     parser.add_argument("--timeout", type=float, default=1500, help="seconds one workload may take")
+    parser.add_argument(
+        "--all-configs", action="store_true", help="compile the configs the pruning drops too (fp64: minutes each)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: compile one [workload, dtype, head_dim]
     args = parser.parse_args(argv)
     if args.one:
         run_workload(*json.loads(args.one))
         return 0
     dtypes = [DTYPES[d] for d in args.dtypes]
-    return sweep(dtypes, args.head_dims, max(1, args.jobs), args.csv, args.workloads, args.timeout)
+    return sweep(dtypes, args.head_dims, max(1, args.jobs), args.csv, args.workloads, args.timeout, args.all_configs)
 
 
 if __name__ == "__main__":

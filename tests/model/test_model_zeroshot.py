@@ -13,7 +13,7 @@ TINY = WaveCLIPConfig.from_preset("waveclip-tiny")
 NAMES = ["cat", "dog", "rocket", "cup of coffee", "astronaut"]
 
 
-def SimpleTokenizer():  # noqa: N802 (open_clip's class, imported when a test needs it)
+def SimpleTokenizer():
     """open_clip's BPE tokenizer; imported here so that the module collects where open_clip is absent."""
     return pytest.importorskip("open_clip.tokenizer").SimpleTokenizer()
 
