@@ -36,6 +36,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -311,7 +312,9 @@ def sweep(
     print(_table(rows))
     failed = [r for r in rows if r["verdict"] == "FAIL"]
     missing = sorted(kernels_of_backend() - {r["kernel"] for r in rows}) if not only else []
-    print(f"\n{len(rows)} compiles in {time.perf_counter() - start:.0f} s on {jobs} processes; CSV: {csv_path}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+    print(f"\n{len(rows)} rows in {wall:.0f} s wall, {cpu:.0f} s CPU on {jobs} processes; CSV: {csv_path}")
     for r in failed:
         print(f"FAIL {r['kernel']} [{r['config']}] {r['dtype']} head dim {r['head_dim'] or '-'}: {r['note']}")
     for name in missing:

@@ -5,7 +5,8 @@
 #     WHEELS=.whl bash bench/gpu_check.sh           # first install the wheels carried in .whl
 #     GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh   # every phase on the CPU (CI runs this)
 #
-# Phases, each under `timeout`, the whole run within BUDGET_S (default 290 s) from a cold Triton cache:
+# Phases, each under `timeout`, the whole run within BUDGET_S (default 290 s; dry run 1200 s, each phase
+# given 4 times as long, for a shared CPU) from a cold Triton cache:
 #   1. environment: nvidia-smi, python / torch / Triton / CUDA versions
 #   2. dependencies: wheels from WHEELS (pip --no-index, into a private folder on PYTHONPATH); pip from
 #      a registry only when one answers; never torch, torchvision or triton
@@ -39,19 +40,20 @@ LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 
 START=$SECONDS
-BUDGET_S="${BUDGET_S:-290}"
+# A dry run shares a CPU with other work: its phases get SCALE times the time and a larger budget.
+if [[ "$DRY" == 1 ]]; then SCALE=4; BUDGET_S="${BUDGET_S:-1200}"; else SCALE=1; BUDGET_S="${BUDGET_S:-290}"; fi
 JOBS="${JOBS:-$(nproc)}"
 STATUS=0
 BENCH_OK=1
 
 phase() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
-# limit WANTED: prints the seconds a phase may take (WANTED, capped by what is left of the budget, at
-# least 1) and succeeds; fails, printing nothing, when under 15 s are left. Never prints 0: `timeout 0`
-# means no limit at all.
+# limit WANTED: prints the seconds a phase may take (WANTED times SCALE, capped by what is left of the
+# budget, at least 15) and succeeds; fails, printing nothing, when under 15 s are left. Never prints
+# 0: `timeout 0` means no limit at all.
 limit() {
-    local left=$((BUDGET_S - (SECONDS - START)))
+    local left=$((BUDGET_S - (SECONDS - START))) wanted=$(($1 * SCALE))
     ((left >= 15)) || return 1
-    if (($1 < left)); then echo "$1"; else echo "$left"; fi
+    if ((wanted < left)); then echo "$wanted"; else echo "$left"; fi
 }
 # pack: refresh $OUT/results.tar.gz from the work folder (called after every phase, so a run stopped
 # from outside keeps what was finished)
