@@ -335,7 +335,8 @@ def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return (got.double() - expected).abs().max().item()
 
 
-def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool) -> list[dict]:
+def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool, rows=None, extra=None) -> list[dict]:
+    """The full pass of every provider; `extra`: columns added to each row."""
     torch.manual_seed(0)
     shape = (case.batch, case.heads, case.stages * case.stage_tokens, case.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=case.dtype) for _ in range(3))
@@ -346,27 +347,31 @@ def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool)
     def check(p, got):
         return {} if p.get("dense") else {"max_err": _error(got, expected)}
 
-    rows = []
+    rows = [] if rows is None else rows  # a common.CsvRows writes each case's rows as they come
     providers = full_pass_providers(q, k, v, case.block_sizes, device, flex)
+    case_rows = []
     for p in providers:
-        row = {"bench": "attention_full", "case": case.name} | case.params() | {"step_stage": ""}
-        rows.append(row | _measure(p, check, device, budget_s, flush_l2=False) | {"naive": p.get("naive", False)})
-    _time_paired(providers, rows, device, budget_s)
-    for row in rows:
+        row = {"bench": "attention_full", "case": case.name} | case.params() | {"step_stage": ""} | (extra or {})
+        row |= _measure(p, check, device, budget_s, flush_l2=False)
+        case_rows.append(row | {"naive": p.get("naive", False)})
+    _time_paired(providers, case_rows, device, budget_s)
+    for row in case_rows:
         if "ms" in row:
             row |= {"gflop": flops / 1e9, "bytes": nbytes} | common.rates(row["ms"], flops, nbytes)
-    _add_ratios(rows)
+    _add_ratios(case_rows)
+    rows.extend(case_rows)
     return rows
 
 
-def run_steps(case: Case, device: torch.device, budget_s: float) -> list[dict]:
+def run_steps(case: Case, device: torch.device, budget_s: float, rows=None, extra=None) -> list[dict]:
     """Steps 1..S-1; before each provider the slots it must fill are set to NaN, so a provider that
-    does not append (or appends elsewhere) shows up in `append_exact` and in its output."""
+    does not append (or appends elsewhere) shows up in `append_exact` and in its output. `extra`:
+    columns added to each row."""
     torch.manual_seed(1)
     B, H, n, D = case.batch, case.heads, case.stage_tokens, case.head_dim
     n_max = case.stages * n
     k_cache, v_cache = (torch.randn(B, H, n_max, D, device=device, dtype=case.dtype) for _ in range(2))
-    rows = []
+    rows = [] if rows is None else rows
     for s in range(1, case.stages):
         c = s * n
         q, k_new, v_new = (torch.randn(B, H, n, D, device=device, dtype=case.dtype) for _ in range(3))
@@ -388,14 +393,14 @@ def run_steps(case: Case, device: torch.device, budget_s: float) -> list[dict]:
         case_rows = []
         for p in providers:
             row = {"bench": "attention_step", "case": f"{case.name} step {s}"} | case.params() | {"step_stage": s}
-            row |= _measure(p, check, device, budget_s, flush_l2=True, prepare=poison)
+            row |= (extra or {}) | _measure(p, check, device, budget_s, flush_l2=True, prepare=poison)
             case_rows.append(row | {"naive": p.get("naive", False)})
         _time_paired(providers, case_rows, device, budget_s)
         for row in case_rows:
             if "ms" in row:
                 row |= {"gflop": flops / 1e9, "bytes": nbytes} | common.rates(row["ms"], flops, nbytes)
         _add_ratios(case_rows)
-        rows += case_rows
+        rows.extend(case_rows)
     return rows
 
 
@@ -417,19 +422,23 @@ def run(
         budget_s = min(budget_s, 0.05)
     if cases is None:
         cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
-    full, steps = [], []
+    out_dir = pathlib.Path(out_dir)
+    rows = common.CsvRows(out_dir / "attention.csv", device)
     before = torch.get_num_threads()
     try:
         for count in threads or [before]:
             torch.set_num_threads(count)
             counted = [dataclasses.replace(c, label=_thread_label(c.label, count, threads)) for c in cases]
             stamp = {"threads": count}
-            full += [r | stamp for case in counted for r in run_full_pass(case, device, budget_s, flex=not quick)]
-            steps += [r | stamp for case in counted for r in run_steps(case, device, budget_s)]
+            for case in counted:  # on CUDA FlexAttention runs at the last case only: one cold compile
+                flex = not quick and (device.type != "cuda" or case is counted[-1])
+                run_full_pass(case, device, budget_s, flex, rows, stamp)
+            for case in counted:
+                run_steps(case, device, budget_s, rows, stamp)
     finally:
         torch.set_num_threads(before)
-    out_dir = pathlib.Path(out_dir)
-    common.write_csv(out_dir / "attention.csv", full + steps, device)
+    full = [r for r in rows if r["bench"] == "attention_full"]
+    steps = [r for r in rows if r["bench"] != "attention_full"]
     title = f"{{}}, {common.device_name(device)}"
     common.plot_cases(out_dir / "attention_full.png", full, title.format("block-causal attention, full pass"))
     common.plot_cases(out_dir / "attention_step.png", steps, title.format("incremental step: append + attend"))

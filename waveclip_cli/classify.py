@@ -4,7 +4,7 @@ recursively), .txt lists of inputs, and .safetensors token files from `waveclip 
 stage by stage from their tokens). Prints the label, its probability, the exit stage and the GFLOPs spent
 per input, and a summary per exit; --out writes them as CSV. Under `torchrun --nproc_per_node N` every
 rank classifies its share of the inputs and rank 0 writes the merged results. Without --teacher-weights the
-open_clip teacher has random weights (seeded by --seed), and the output says so."""
+open_clip teacher has random weights (always the same ones), and the output says so."""
 
 from __future__ import annotations
 
@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="FILE.csv", help="write one row per input here, and the per-exit summary to FILE_exits.csv"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of random teacher weights (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random class embeddings of a tower without a teacher (default 0)",
+    )
 
 
 @dataclass
@@ -141,7 +146,7 @@ def _classifier(args):
     """The zero-shot classifier over the WaveCLIP tower, and the lines that say where its parts came from."""
     import torch
 
-    from waveclip.interop import load_teacher
+    from waveclip.interop import TEACHER_SEED, load_paired_teacher, load_teacher
     from waveclip.model import WaveCLIP
     from waveclip.zeroshot import ZeroShotClassifier
 
@@ -158,10 +163,13 @@ def _classifier(args):
         raise UserError(f"preset {args.preset} names no teacher: pass --checkpoint")
     teacher = None
     if config.teacher:
-        torch.manual_seed(args.seed)  # random teacher weights: the same on every run and every rank
-        teacher = load_teacher(config.teacher, weights=args.teacher_weights, quick_gelu=config.quick_gelu)
+        if model is not None:  # the very text tower the checkpoint was paired with
+            teacher = load_paired_teacher(config, args.teacher_weights)
+        else:
+            teacher = load_teacher(config.teacher, weights=args.teacher_weights, quick_gelu=config.quick_gelu)
         teacher = teacher.to(args.device)
-        which = f"weights {args.teacher_weights}" if args.teacher_weights else f"RANDOM weights (seed {args.seed})"
+        weights = args.teacher_weights or config.teacher_weights
+        which = f"weights {weights}" if weights else f"RANDOM weights (seed {TEACHER_SEED})"
         notes.append(f"teacher {config.teacher}: {which}")
     if model is None:
         model = WaveCLIP.from_open_clip(teacher, config, impl=args.impl)

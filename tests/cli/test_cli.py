@@ -10,12 +10,8 @@ from PIL import Image
 
 from waveclip import flops
 from waveclip.config import WaveCLIPConfig
-from waveclip.model import WaveCLIP
 from waveclip_cli.main import COMMANDS, main
 
-needs_model_api = pytest.mark.skipif(
-    not hasattr(WaveCLIP, "num_stages_for"), reason="needs the tower's several-resolution API"
-)
 EVERY_COMMAND = {"classify", "tokenize", "flops", "bench", "demo", "distill", "calibrate"}
 
 
@@ -37,7 +33,6 @@ def test_command_help(capsys, command):
     assert f"usage: waveclip {command}" in capsys.readouterr().out
 
 
-@needs_model_api
 def test_flops_table_matches_the_accounting(cli):
     code, out, _ = cli("flops")
     assert code == 0
@@ -50,7 +45,6 @@ def test_flops_table_matches_the_accounting(cli):
     assert percents == pytest.approx([24.5, 49.2, 74.3, 100.0], abs=0.1)
 
 
-@needs_model_api
 def test_flops_per_input_size(cli):
     code, out, _ = cli("flops", "--preset", "waveclip-tiny")
     assert code == 0
@@ -64,7 +58,6 @@ def test_flops_per_input_size(cli):
         assert [float(c) for c in cells[: len(expected)]] == pytest.approx(expected, rel=1e-3)
 
 
-@needs_model_api
 def test_flops_writes_csv(cli, tmp_path):
     code, _, _ = cli("flops", "--preset", "waveclip-vit-b-16-448", "--out", tmp_path)
     assert code == 0

@@ -8,12 +8,7 @@ from safetensors.torch import save_file
 
 import waveclip_kernels as wk
 from waveclip.images import load_image, preprocess
-from waveclip.model import WaveCLIP
 from waveclip_cli.tokenfile import StageTokens, load_tokens, save_tokens
-
-needs_model_api = pytest.mark.skipif(
-    not hasattr(WaveCLIP, "num_stages_for"), reason="needs the tower's several-resolution and token-input API"
-)
 
 
 def _tokenize(cli, image, path, size=32, levels=2, grid=2):
@@ -89,7 +84,6 @@ def _classify(cli, checkpoint, out, *inputs, thresholds="2,2"):
     return _rows(out)
 
 
-@needs_model_api
 @pytest.mark.parametrize("thresholds", ["2,2", "0,0", "0.2,0.2"])
 def test_classify_from_tokens_answers_as_from_the_image(cli, photo, tiny_teacher_checkpoint, tmp_path, thresholds):
     tokens = tmp_path / "astronaut.safetensors"
@@ -102,7 +96,6 @@ def test_classify_from_tokens_answers_as_from_the_image(cli, photo, tiny_teacher
     assert float(from_tokens["probability"]) == pytest.approx(float(from_image["probability"]), abs=1e-5)
 
 
-@needs_model_api
 def test_classify_from_leading_stages_answers_at_the_last_one_given(cli, photo, tiny_checkpoint, tmp_path):
     full = tmp_path / "full.safetensors"
     _tokenize(cli, photo[0], full)
@@ -112,7 +105,6 @@ def test_classify_from_leading_stages_answers_at_the_last_one_given(cli, photo, 
     assert row["exit_stage"] == "1"  # tau 2 lets no stage answer early: the last stage in the file does
 
 
-@needs_model_api
 def test_tokens_of_a_smaller_image_answer_as_that_image(cli, photo, tiny_checkpoint, tmp_path):
     tokens = tmp_path / "small.safetensors"
     _tokenize(cli, photo[0], tokens, size=16, levels=1)  # 32 / 2: the tiny tower's first two stages
