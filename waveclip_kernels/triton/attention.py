@@ -49,6 +49,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # the same constants as kernels may read them
+_LN2 = tl.constexpr(LN2)
 
 SHARED_MEMORY_LIMIT = 232_448  # bytes of shared memory one block may use on H100/H200 (sm_90)
 
@@ -57,9 +59,17 @@ KERNELS = ("forward", "kv_append", "backward_dq", "backward_dkdv")
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and precision class. BLOCK_M is the
 # query tile, BLOCK_N the key tile; in backward_dkdv the key tile stays resident and the query tiles
 # stream, in the other three the query tile stays. "ieee" fp32 runs on the CUDA cores: 64 x 64 tiles
-# need 255 registers and spill there, so it gets smaller ones.
+# need 255 registers and spill there, so it gets smaller ones. Block-aligned tiles pad each block's
+# last tile: 32-row tiles keep that waste low for blocks of 197 tokens (the 448 preset).
 _CANDIDATES = {
-    ("forward", "half"): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)],
+    ("forward", "half"): [
+        (128, 64, 8, 3),
+        (128, 32, 4, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 4),
+        (128, 128, 8, 2),
+        (32, 64, 4, 3),
+    ],
     ("forward", "tf32"): [(64, 64, 4, 3), (64, 32, 4, 3)],
     ("forward", "ieee"): [(32, 32, 4, 2), (32, 16, 4, 3)],
     ("forward", "fp64"): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 3), (16, 16, 4, 2)],
@@ -119,22 +129,25 @@ def _head_dim_pad(d: int) -> int:
 def shared_memory_estimate(
     kernel: str, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, num_stages: int
 ) -> int:
-    """Bytes of shared memory a config needs, an upper bound of what Triton allocates on sm_90.
+    """Bytes of shared memory a config needs: an upper bound of what Triton 3.x allocates on sm_90.
 
-    The resident tiles, (num_stages - 1) buffers of each streamed tile, and one score-sized scratch
-    per probability/gradient tile that changes layout between dots. Fits the fp64 figures measured for
-    the forward (64 x 64 tiles, head dim 128, 3 stages: 352 KB; 64 x 32, 4 stages: 272 KB).
+    The resident tiles, num_stages buffers of each streamed tile (tensor-core dots use that many,
+    FMA dots one fewer), one score-sized scratch per probability/gradient tile that changes layout
+    between dots (FMA dots), and 1 KB for reductions. Checked against `kernel.metadata.shared` of
+    sm_90 compiles (tests/kernels/test_attention_sm90.py). It rejects the former fp64 forward configs
+    at head dim 128 (64 x 64 x 3 stages and 64 x 32 x 4 stages, which need 352 KB and 272 KB).
     """
     e = torch.empty((), dtype=dtype).element_size()
     d = _head_dim_pad(head_dim)
-    buffers = max(1, num_stages - 1)
     if kernel in ("forward", "kv_append"):
-        return e * (d * (block_m + 2 * block_n * buffers) + block_m * block_n)
-    if kernel == "backward_dq":
-        return e * (d * (2 * block_m + 2 * block_n * buffers) + 2 * block_m * block_n)
-    if kernel == "backward_dkdv":
-        return e * (d * (2 * block_n + 2 * block_m * buffers) + 2 * block_m * block_n)
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        tiles, scratch = block_m + 2 * block_n * num_stages, block_m * block_n
+    elif kernel == "backward_dq":
+        tiles, scratch = 2 * block_m + 2 * block_n * num_stages, 2 * block_m * block_n
+    elif kernel == "backward_dkdv":
+        tiles, scratch = 2 * block_n + 2 * block_m * num_stages, 2 * block_m * block_n
+    else:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return e * (d * tiles + scratch) + 1024
 
 
 @functools.cache
@@ -220,6 +233,21 @@ def _aligned_tile(
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """`x` (accumulation dtype) rounded to `dtype` (a dot operand or an output). With UPCAST
+    (interpreter, half precision) the result stays float32, exactly representable in `dtype`;
+    bfloat16 is rounded to nearest-even by hand there, because the interpreter's float32 ->
+    bfloat16 conversion truncates."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return x.to(dtype).to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
 def _attend_tile(
     acc,  # (BLOCK_M, D_PAD) running output, unnormalised
     m_i,  # (BLOCK_M,) running max of the scaled scores (log2 domain)
@@ -249,9 +277,8 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    p = p.to(v.dtype)
+    p = _round_to(p, v.dtype, UPCAST)
     if UPCAST:
-        p = p.to(tl.float32)
         v = v.to(tl.float32)
     acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc, m_new, l_i
@@ -343,10 +370,10 @@ def _block_causal_fwd_kernel(
     o_base = o_ptr + b * stride_ob + h * stride_oh
     tl.store(
         o_base + rows * stride_on + offs_d[None, :] * stride_od,
-        out.to(o_ptr.dtype.element_ty),
+        _round_to(out, o_ptr.dtype.element_ty, UPCAST).to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    tl.store(lse_ptr + bh * N + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+    tl.store(lse_ptr + bh * N + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
 
 
 @triton.jit
@@ -376,8 +403,14 @@ def _bwd_preprocess_kernel(
     offs_d = tl.arange(0, D_PAD)
     mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows * stride_on + offs_d[None, :] * stride_od, mask=mask)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_don + offs_d[None, :] * stride_dod, mask=mask)
+    o = tl.load(
+        o_ptr + b * stride_ob + h * stride_oh + rows * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0
+    )
+    do = tl.load(
+        do_ptr + b * stride_dob + h * stride_doh + rows * stride_don + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
     tl.store(delta_ptr + bh * N + offs_m, delta, mask=offs_m < N)
 
@@ -447,7 +480,7 @@ def _bwd_dq_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     # Rows outside the tile's block: q = dO = 0 and finite lse/delta, so they add nothing and are not stored.
-    lse2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
     v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
@@ -465,12 +498,10 @@ def _bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
         p = tl.where((cols < kv_end)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
-        ds = (p * (dp - delta[:, None])).to(k_ptr.dtype.element_ty)
-        if UPCAST:
-            ds = ds.to(tl.float32)
+        ds = _round_to(p * (dp - delta[:, None]), k_ptr.dtype.element_ty, UPCAST)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION, out_dtype=ACC)
 
-    tl.store(dq_ptr + bh * N * HEAD_DIM + rows * HEAD_DIM + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + bh * N * HEAD_DIM + rows * HEAD_DIM + offs_d[None, :], _round_to(dq * scale, dq_ptr.dtype.element_ty, UPCAST).to(dq_ptr.dtype.element_ty),
              mask=io_mask)  # fmt: skip
 
 
@@ -554,26 +585,25 @@ def _bwd_dkdv_kernel(
         q = tl.load(q_base + ptr_rows * stride_qn, mask=q_mask, other=0.0)
         do = tl.load(do_base + ptr_rows * stride_don, mask=q_mask, other=0.0)
         # Rows past N: lse = +inf gives p = 0, and dO = 0.
-        lse2 = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=float("inf")) * LOG2E
+        lse2 = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(delta_ptr + bh * N + rows, mask=row_ok, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])
-        p_low = p_t.to(do_ptr.dtype.element_ty)
-        if UPCAST:
-            p_low = p_low.to(tl.float32)
-        dv = tl.dot(p_low, do, dv, input_precision=DOT_PRECISION, out_dtype=ACC)
+        dv = tl.dot(
+            _round_to(p_t, do_ptr.dtype.element_ty, UPCAST), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC
+        )
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_ptr.dtype.element_ty)
-        if UPCAST:
-            ds_t = ds_t.to(tl.float32)
+        ds_t = _round_to(p_t * (dp_t - delta[None, :]), q_ptr.dtype.element_ty, UPCAST)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     out = bh * N * HEAD_DIM + key_rows * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dk_ptr + out, _round_to(dk * scale, dk_ptr.dtype.element_ty, UPCAST).to(dk_ptr.dtype.element_ty), mask=kv_mask
+    )
+    tl.store(dv_ptr + out, _round_to(dv, dv_ptr.dtype.element_ty, UPCAST).to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -705,8 +735,16 @@ def _attn_kv_append_kernel(
     # into the cache at [c + start_m, c + start_m + BLOCK_M). No program reads the cache at or past
     # c (the new keys are read from k_new/v_new below), so the writes cannot race with any read.
     if split == 0:
-        tl.store(kc_base + (c + rows) * stride_kcn, tl.load(kn_base + rows * stride_knn, mask=io_mask), mask=io_mask)
-        tl.store(vc_base + (c + rows) * stride_vcn, tl.load(vn_base + rows * stride_vnn, mask=io_mask), mask=io_mask)
+        tl.store(
+            kc_base + (c + rows) * stride_kcn,
+            tl.load(kn_base + rows * stride_knn, mask=io_mask, other=0.0),
+            mask=io_mask,
+        )
+        tl.store(
+            vc_base + (c + rows) * stride_vcn,
+            tl.load(vn_base + rows * stride_vnn, mask=io_mask, other=0.0),
+            mask=io_mask,
+        )
 
     # Keys [lo, hi) of the row's c + n (split s takes an equal share of the key tiles; a share can be
     # empty): [lo, min(hi, c)) from the cache, [max(lo, c), hi) from k_new/v_new.
@@ -739,7 +777,7 @@ def _attn_kv_append_kernel(
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         o = o_ptr + b * stride_ob + h * stride_oh + rows * stride_on + offs_d[None, :] * stride_od
-        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(o, _round_to(out, o_ptr.dtype.element_ty, UPCAST).to(o_ptr.dtype.element_ty), mask=io_mask)
     else:
         # An empty share has l_i == 0: it stores a zero output with weight exp2(-inf) = 0.
         nonempty = l_i > 0
@@ -783,7 +821,9 @@ def _combine_splits_kernel(
     for s in tl.static_range(NUM_SPLITS):
         part = (bh * NUM_SPLITS + s) * n
         w = tl.exp2(tl.load(lse_ptr + part + rows, mask=row_ok, other=0.0) - lse_max)
-        acc += w[:, None] * tl.load(part_ptr + (part + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask)
+        acc += w[:, None] * tl.load(
+            part_ptr + (part + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0
+        )
         total += w
     out = acc / total[:, None]
     b = bh // H
