@@ -41,7 +41,9 @@ def test_auto_picks_an_available_impl():
         (torch.randn(1, 3, 33, 32), {}, ValueError, "nearest valid heights: 32 or 40"),
         (torch.randn(1, 3, 32, 30), {}, ValueError, "nearest valid widths: 24 or 32"),
         (torch.randn(1, 3, 4, 32), {}, ValueError, "nearest valid heights: 8$"),
-        (torch.randn(1, 3, 32, 32), {"levels": 0}, ValueError, "levels must be"),
+        (torch.randn(1, 3, 32, 32), {"levels": -1}, ValueError, "levels must be an int >= 0"),
+        (torch.randn(1, 3, 32, 32), {"levels": True}, ValueError, "levels must be an int >= 0"),
+        (torch.randn(1, 3, 32, 32), {"levels": 1.0}, ValueError, "levels must be an int >= 0"),
         (torch.randn(1, 3, 32, 32), {"grid": (2, 0)}, ValueError, "grid must be"),
         (torch.randn(1, 3, 32, 32), {"color": "hsv"}, ValueError, "color must be"),
         (torch.randn(1, 3, 32, 32), {"out_dtype": torch.int8}, TypeError, "out_dtype"),
@@ -79,12 +81,6 @@ def test_attention_bad_input():
         wk.block_causal_attention(q, q.to("meta"), q, [6], impl="reference")
 
 
-def _kv_inputs(B=2, B_cache=3, n=2, n_max=8):
-    q = torch.randn(B, 2, n, 4)
-    cache = torch.randn(B_cache, 2, n_max, 4)
-    return q, q.clone(), q.clone(), cache, cache.clone()
-
-
 @pytest.mark.parametrize(
     "change,error,match",
     [
@@ -100,9 +96,10 @@ def _kv_inputs(B=2, B_cache=3, n=2, n_max=8):
         ({"k_new": torch.randn(2, 2, 3, 4), "v_new": torch.randn(2, 2, 3, 4)}, ValueError, "one shape"),
     ],
 )
-def test_kv_append_bad_input_writes_nothing(change, error, match):
-    q, k_new, v_new, k_cache, v_cache = _kv_inputs()
-    args = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, cache_lens=torch.tensor([0, 1]))
+def test_kv_append_bad_input_writes_nothing(change, error, match, kv_case):
+    case = kv_case(2, 2, 2, 4, 3, 8, [0, 1], dtype=torch.float32)
+    names = ("q", "k_new", "v_new", "k_cache", "v_cache", "cache_lens")
+    args = dict(zip(names, case.args()))
     args.update(change)
     before = args["k_cache"].clone(), args["v_cache"].clone()
     with pytest.raises(error, match=match):
@@ -110,16 +107,17 @@ def test_kv_append_bad_input_writes_nothing(change, error, match):
     assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
 
 
-def test_kv_append_batch_larger_than_cache_needs_batch_index():
-    q, k_new, v_new, k_cache, v_cache = _kv_inputs(B=2, B_cache=1)
+def test_kv_append_batch_larger_than_cache_needs_batch_index(kv_case):
+    case = kv_case(2, 2, 2, 4, 1, 8, [0, 0], dtype=torch.float32)
     with pytest.raises(ValueError, match="pass batch_index"):
-        wk.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, [0, 0], impl="reference")
+        wk.attention_with_kv_append(*case.args()[:5], [0, 0], impl="reference")
 
 
-def test_kv_append_accepts_list_lens_and_empty_batch():
-    q, k_new, v_new, k_cache, v_cache = _kv_inputs(B=0)
-    out = wk.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, [], impl="reference")
+def test_kv_append_accepts_list_lens_and_empty_batch(kv_case):
+    case = kv_case(0, 2, 2, 4, 3, 8, [], dtype=torch.float32)
+    out = wk.attention_with_kv_append(*case.args()[:5], [], impl="reference")
     assert out.shape == (0, 2, 2, 4)
+    case.assert_caches_written()
 
 
 # ------------------------------------------------------------------- torch.library registration

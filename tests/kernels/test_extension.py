@@ -1,13 +1,14 @@
 """The C++ extension (impl="cpu"; impl="cuda" where a GPU and a CUDA build exist) against the reference.
 
-Tolerance rule: the error against a float64 oracle is at most twice the reference's own error in
-the same dtype (plus one ulp of the output dtype). KV caches are views into sentinel-filled buffers,
-so a write outside the target shows up as a changed sentinel.
+Tolerance rule (tests/tolerances.py): the error against a float64 oracle is at most twice the
+reference's own error in the same dtype (plus one ulp of the output dtype). KV caches are views into
+sentinel-filled buffers (the `guards` fixture), so a write outside the target shows up as a changed sentinel.
 """
 
 import pytest
 import torch
-from helpers import SENTINEL, guarded, max_err, non_contiguous
+from helpers import SENTINEL, non_contiguous
+from tolerances import assert_close, assert_within_torch_error
 
 import waveclip_kernels as wk
 from waveclip_kernels import _library, extension
@@ -29,20 +30,6 @@ CASES = [
 ]
 
 
-def assert_close_to_oracle(out, oracle, same_dtype_ref, dtype):
-    """max|out - oracle| <= 2 * max|ref_same_dtype - oracle| + one ulp of dtype (relative; 1e-12 in
-    float64, where the oracle is the reference itself and rounding order alone differs)."""
-    assert out.dtype == dtype and out.shape == oracle.shape
-    scale = max(1.0, oracle.abs().max().item()) if oracle.numel() else 1.0
-    ulp = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
-    bound = 2 * max_err(same_dtype_ref, oracle) + ulp * scale
-    assert max_err(out, oracle) <= bound
-
-
-def assert_guard_intact(buffer, mask):
-    assert (buffer[~mask] == torch.tensor(SENTINEL, dtype=buffer.dtype)).all(), "a write landed outside the target"
-
-
 def tokenize(x, levels, grid, color, out_dtype=None):
     return extension.wavelet_tokenize(x, levels, grid, color, out_dtype or x.dtype)
 
@@ -61,7 +48,7 @@ def test_tokenize_matches_reference(levels, grid, size, color, batch, dtype):
     assert len(out) == levels + 1
     for o, e, r in zip(out, oracle, same):
         assert o.is_contiguous()
-        assert_close_to_oracle(o, e, r, dtype)
+        assert_within_torch_error(o, e, r, dtype)
     assert torch.equal(x, before), "the images were written"
 
 
@@ -81,7 +68,7 @@ def test_tokenize_honours_out_dtype(dtype, out_dtype):
     oracle = ref.wavelet_tokenize(x.double(), 2, (3, 5), "ycbcr")
     same = ref.wavelet_tokenize(x, 2, (3, 5), "ycbcr", out_dtype)
     for o, e, r in zip(out, oracle, same):
-        assert_close_to_oracle(o, e, r, out_dtype)
+        assert_within_torch_error(o, e, r, out_dtype)
 
 
 def _layouts(x):
@@ -113,9 +100,9 @@ def test_auto_and_public_api_use_the_extension():
     x = torch.randn(2, 3, 32, 48)
     out = wk.wavelet_tokenize(x, 2, (2, 3), impl="cpu")
     for o, e in zip(out, ref.wavelet_tokenize(x, 2, (2, 3))):
-        assert max_err(o, e) <= 1e-5
+        assert_close(o, e)
     back = wk.wavelet_detokenize(out, 2, (2, 3), image_size=(32, 48), impl="cpu")
-    assert max_err(back, x) <= 1e-5
+    assert_close(back, x)
 
 
 def test_opcheck_with_the_extension():
@@ -141,7 +128,7 @@ def test_detokenize_matches_reference(levels, grid, size, color, batch, dtype):
     oracle = ref.wavelet_detokenize([t.double() for t in tokens], levels, grid, color, size)
     same = ref.wavelet_detokenize(tokens, levels, grid, color, size)
     assert out.is_contiguous()
-    assert_close_to_oracle(out, oracle, same, dtype)
+    assert_within_torch_error(out, oracle, same, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -162,30 +149,15 @@ def test_detokenize_non_contiguous_tokens(dtype):
 def test_round_trip_is_exact_in_float64(color):
     x = torch.randn(3, 3, 40, 56, dtype=torch.float64)
     tokens = tokenize(x, 3, (5, 7), color)
-    assert max_err(extension.wavelet_detokenize(tokens, 3, (5, 7), color, (40, 56)), x) <= 1e-12
+    assert_close(extension.wavelet_detokenize(tokens, 3, (5, 7), color, (40, 56)), x)
 
 
 # ----------------------------------------------------------------------------- attention with KV append
 
 
-def _kv_case(dtype, B=3, H=2, n=4, D=16, B_cache=5, n_max=24, pad=3):
-    q, k_new, v_new = (torch.randn(B, H, n, D).to(dtype) for _ in range(3))
-    k_cache, k_buf, k_mask = guarded((B_cache, H, n_max, D), dtype, dim=2, pad=pad)
-    v_cache, v_buf, v_mask = guarded((B_cache, H, n_max, D), dtype, dim=2, pad=pad)
-    k_cache.copy_(torch.randn(B_cache, H, n_max, D))
-    v_cache.copy_(torch.randn(B_cache, H, n_max, D))
-    return q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask)
-
-
-def _concat_sdpa(q, k_new, v_new, k_cache, v_cache, lens, rows, scale, dtype=None):
-    """The same attention through torch.cat + SDPA, row by row (the caches are only read)."""
-    out = []
-    for b, (r, c) in enumerate(zip(rows, lens)):
-        k = torch.cat([k_cache[r, :, :c], k_new[b]], dim=1)
-        v = torch.cat([v_cache[r, :, :c], v_new[b]], dim=1)
-        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
-        out.append(torch.nn.functional.scaled_dot_product_attention(cast(q[b]), cast(k), cast(v), scale=scale))
-    return torch.stack(out) if out else torch.empty(q.shape, dtype=dtype or q.dtype)
+def _kv_case(kv_case, dtype, B=3, n=4, D=16, lens=(3, 0, 20), batch_index=None, device="cpu"):
+    """H=2 heads, 5 cache rows of 24 slots, guarded."""
+    return kv_case(B, 2, n, D, 5, 24, list(lens)[:B], batch_index, dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,58 +170,42 @@ def _concat_sdpa(q, k_new, v_new, k_cache, v_cache, lens, rows, scale, dtype=Non
         ([0, 9, 2], None),
     ],
 )
-def test_kv_append_matches_concat_sdpa(lens, batch_index, dtype):
-    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(dtype)
-    rows = batch_index or list(range(len(lens)))
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    index = None if batch_index is None else torch.tensor(batch_index)
-    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, torch.tensor(lens), index, 0.3)
-
-    expected_k, expected_v = k_before.clone(), v_before.clone()
-    for b, (r, c) in enumerate(zip(rows, lens)):
-        expected_k[r, :, c : c + 4] = k_new[b]
-        expected_v[r, :, c : c + 4] = v_new[b]
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    assert_guard_intact(k_buf, k_mask)
-    assert_guard_intact(v_buf, v_mask)
-
-    oracle = _concat_sdpa(q, k_new, v_new, k_before, v_before, lens, rows, 0.3, torch.float64)
-    same = _concat_sdpa(q, k_new, v_new, k_before, v_before, lens, rows, 0.3)
+def test_kv_append_matches_concat_sdpa(lens, batch_index, dtype, kv_case, guards):
+    case = _kv_case(kv_case, dtype, lens=lens, batch_index=batch_index)
+    q, k_new, v_new, k_cache, v_cache, cache_lens, index = case.args()
+    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, index, 0.3)
+    case.assert_caches_written()
+    guards.check()
     assert out.is_contiguous()
-    assert_close_to_oracle(out, oracle, same, dtype)
+    assert_within_torch_error(out, case.oracle(0.3, torch.float64), case.oracle(0.3), dtype)
 
 
-def test_kv_append_int32_lens_non_contiguous_inputs():
-    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(torch.float32)
-    q, k_new, v_new = non_contiguous(q), non_contiguous(k_new), non_contiguous(v_new)
-    lens = torch.tensor([1, 6, 2], dtype=torch.int32)
-    index = torch.tensor([3, 1, 0], dtype=torch.int32)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, lens, index, 0.25)
-    expected = ref.attention_with_kv_append(q, k_new, v_new, k_ref, v_ref, lens, index, 0.25)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-    assert max_err(out, expected) <= 1e-5
-    assert_guard_intact(k_buf, k_mask)
-    assert_guard_intact(v_buf, v_mask)
+def test_kv_append_int32_lens_non_contiguous_inputs(kv_case, guards):
+    case = _kv_case(kv_case, torch.float32, lens=(1, 6, 2), batch_index=[3, 1, 0])
+    q, k_new, v_new = non_contiguous(case.q), non_contiguous(case.k_new), non_contiguous(case.v_new)
+    lens, index = case.cache_lens(torch.int32), case.index(torch.int32)
+    out = extension.attention_with_kv_append(q, k_new, v_new, case.k_cache, case.v_cache, lens, index, 0.25)
+    case.assert_caches_written()
+    guards.check()
+    assert_close(out, case.oracle(0.25, torch.float64).float())
 
 
-def test_kv_append_empty_batch_writes_nothing():
-    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, _, _) = _kv_case(torch.float32, B=0)
-    before = k_cache.clone()
-    lens = torch.zeros(0, dtype=torch.long)
+def test_kv_append_empty_batch_writes_nothing(kv_case, guards):
+    case = _kv_case(kv_case, torch.float32, B=0)
+    q, k_new, v_new, k_cache, v_cache, lens, _ = case.args()
     out = extension.attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, lens, None, 1.0)
     assert out.shape == q.shape
-    assert torch.equal(k_cache, before)
-    assert_guard_intact(k_buf, k_mask)
+    assert torch.equal(k_cache, case.k_before) and torch.equal(v_cache, case.v_before)
+    guards.check()
 
 
 # ------------------------------------------------------------------------------ thread independence
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(kv_case):
     x = torch.randn(3, 3, 48, 72)
-    q, k_new, v_new, (k_cache, _, _), (v_cache, _, _) = _kv_case(torch.float32, B=3, n=5, D=8)
-    lens, index = torch.tensor([4, 0, 11]), torch.tensor([2, 4, 0])
+    case = _kv_case(kv_case, torch.float32, n=5, D=8, lens=(4, 0, 11), batch_index=[2, 4, 0])
+    q, k_new, v_new, k_cache, v_cache, lens, index = case.args()
     threads = torch.get_num_threads()
     results = []
     try:
@@ -388,34 +344,22 @@ def test_cuda_tokenize_and_inverse_match_reference(levels, grid, size, color, ba
         oracle = ref.wavelet_tokenize(x.double(), levels, grid, color)
         same = ref.wavelet_tokenize(x, levels, grid, color)
         for o, e, r in zip(out, oracle, same):
-            assert_close_to_oracle(o.cpu(), e, r, dtype)
+            assert_within_torch_error(o.cpu(), e, r, dtype)
     tokens = [t.to(dtype) for t in ref.wavelet_tokenize(x.double(), levels, grid, color)]
     for toks in (tokens, [non_contiguous(t) for t in tokens]):
         back = extension.wavelet_detokenize([t.cuda() for t in toks], levels, grid, color, size)
         oracle = ref.wavelet_detokenize([t.double() for t in tokens], levels, grid, color, size)
         same = ref.wavelet_detokenize(tokens, levels, grid, color, size)
-        assert_close_to_oracle(back.cpu(), oracle, same, dtype)
+        assert_within_torch_error(back.cpu(), oracle, same, dtype)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [16, 6])  # 16-byte rows for every dtype; element-wise rows
-def test_cuda_kv_append_matches_cpu(dtype, D):
-    q, k_new, v_new, (k_cache, k_buf, k_mask), (v_cache, v_buf, v_mask) = _kv_case(dtype, D=D)
-    lens, index = torch.tensor([3, 0, 20]), torch.tensor([4, 0, 2])
-    k_cpu, v_cpu = k_cache.clone(), v_cache.clone()
-    extension.attention_with_kv_append(q, k_new, v_new, k_cpu, v_cpu, lens, index, 0.3)  # the expected caches
-    kb, vb = k_buf.cuda(), v_buf.cuda()
-    pad = 3
-    kc, vc = kb[:, :, pad : pad + 24], vb[:, :, pad : pad + 24]
-    out = extension.attention_with_kv_append(
-        q.cuda(), k_new.cuda(), v_new.cuda(), kc, vc, lens.cuda(), index.cuda(), 0.3
-    )
-    assert torch.equal(kc.cpu(), k_cpu) and torch.equal(vc.cpu(), v_cpu)
-    assert_guard_intact(kb.cpu(), k_mask)
-    assert_guard_intact(vb.cpu(), v_mask)
-    oracle = _concat_sdpa(q, k_new, v_new, k_cache, v_cache, [3, 0, 20], [4, 0, 2], 0.3, torch.float64)
-    on_gpu = (t.cuda() for t in (q, k_new, v_new, k_cache, v_cache))
-    same = _concat_sdpa(*on_gpu, [3, 0, 20], [4, 0, 2], 0.3)
-    assert_close_to_oracle(out.cpu(), oracle, same.cpu(), dtype)
+def test_cuda_kv_append_matches_cpu(dtype, D, kv_case, guards):
+    case = _kv_case(kv_case, dtype, D=D, batch_index=[4, 0, 2], device="cuda")
+    out = extension.attention_with_kv_append(*case.args(), 0.3)
+    case.assert_caches_written()
+    guards.check()
+    assert_within_torch_error(out.cpu(), case.oracle(0.3, torch.float64).cpu(), case.oracle(0.3).cpu(), dtype)

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SENTINEL, guarded, max_err, non_contiguous
+from helpers import non_contiguous
+from tolerances import assert_within_torch_error, max_err
 
 import waveclip_kernels as wk
 from waveclip_kernels import reference as ref
@@ -39,22 +40,6 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def guarded_cuda(shape, dtype, dim):
-    """`helpers.guarded` on the GPU: (view, buffer, mask)."""
-    view, buffer, mask = guarded(shape, dtype, dim=dim)
-    buffer = buffer.to(CUDA)
-    return buffer.as_strided(view.shape, view.stride(), view.storage_offset()), buffer, mask.to(CUDA)
-
-
-def assert_guard_intact(buffer, mask):
-    assert (buffer[~mask] == torch.tensor(SENTINEL, dtype=buffer.dtype, device=buffer.device)).all()
-
-
-def assert_within_torch_error(ours, torch_same, ref32):
-    ours_err, torch_err = max_err(ours, ref32), max_err(torch_same, ref32)
-    assert ours_err <= 2 * torch_err + 1e-5, f"error {ours_err:.3g} vs PyTorch's own {torch_err:.3g}"
-
-
 def randn(*shape, dtype):
     return torch.randn(*shape, device=CUDA, dtype=torch.float32).to(dtype)
 
@@ -72,21 +57,21 @@ def test_block_causal_448_preset_shape(dtype):
     mask = ref.block_causal_mask(blocks, CUDA)
     torch_same = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert ours.is_contiguous() and ours.dtype == dtype
-    assert_within_torch_error(ours, torch_same, ref32)
+    assert_within_torch_error(ours, ref32, torch_same, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("D", [32, 64, 80, 128])
-def test_block_causal_head_dims(D, dtype):
+def test_block_causal_head_dims(D, dtype, guards):
     blocks = [1, 99, 57, 143]
     q, k, v = (randn(2, 3, 300, D, dtype=dtype) for _ in range(3))
-    out, buffer, mask = guarded_cuda((2, 3, 300, D), dtype, dim=2)
+    out = guards.new((2, 3, 300, D), dtype, dim=2, device=CUDA)
     ours = tri.block_causal_attention(non_contiguous(q), k, v, blocks, D**-0.5, out=out)
-    assert_guard_intact(buffer, mask)
+    guards.check()
     if dtype in LOW:
         ref32 = ref.block_causal_attention(q.float(), k.float(), v.float(), blocks)
         torch_same = F.scaled_dot_product_attention(q, k, v, attn_mask=ref.block_causal_mask(blocks, CUDA))
-        assert_within_torch_error(ours, torch_same, ref32)
+        assert_within_torch_error(ours, ref32, torch_same, atol=1e-5)
     else:
         expected = ref.block_causal_attention(q.double(), k.double(), v.double(), blocks)
         assert max_err(ours, expected) <= (1e-5 if dtype == torch.float32 else 1e-12)
@@ -120,7 +105,7 @@ def test_kv_append_step(B, n, lens, splits, dtype):
     v_full = torch.cat([v_before[r, :, :lens], v_new], dim=2)
     ref32 = F.scaled_dot_product_attention(q.float(), k_full.float(), v_full.float())
     torch_same = F.scaled_dot_product_attention(q, k_full, v_full)
-    assert_within_torch_error(ours, torch_same, ref32)
+    assert_within_torch_error(ours, ref32, torch_same, atol=1e-5)
     # Appended slots bit-exact, everything else untouched (NaN slots stay NaN).
     expected_k, expected_v = k_before.clone(), v_before.clone()
     expected_k[r, :, lens : lens + n] = k_new
@@ -154,14 +139,14 @@ def test_tokenize_presets(size, grid, dtype):
     assert max_err(back, expected) <= tol * expected.abs().max().item()
 
 
-def test_tokenize_out_dtype_and_guard_bands():
+def test_tokenize_out_dtype_and_guard_bands(guards):
     x = randn(4, 3, 224, 224, dtype=torch.float32)
     dims = [48, 144, 576, 2304]
-    views = [guarded_cuda((4, 49, d), torch.bfloat16, dim=1) for d in dims]
-    out = tri.wavelet_tokenize(x, 3, (7, 7), "ycbcr", torch.bfloat16, out=[v for v, _, _ in views])
-    for t, e, (_, buffer, mask) in zip(out, ref.wavelet_tokenize(x, 3, (7, 7), out_dtype=torch.bfloat16), views):
+    views = [guards.new((4, 49, d), torch.bfloat16, dim=1, device=CUDA) for d in dims]
+    out = tri.wavelet_tokenize(x, 3, (7, 7), "ycbcr", torch.bfloat16, out=views)
+    for t, e in zip(out, ref.wavelet_tokenize(x, 3, (7, 7), out_dtype=torch.bfloat16)):
         assert max_err(t, e) <= torch.finfo(torch.bfloat16).eps * e.abs().max().item()
-        assert_guard_intact(buffer, mask)
+    guards.check()
 
 
 # ------------------------------------------------------------------------------ torch.compile

@@ -1,7 +1,9 @@
 """impl="triton" against the reference, on the CPU through the Triton interpreter (tiny shapes).
 
 Guard bands: outputs are written into views of sentinel-filled buffers (the launchers' `out=`), and
-caches are such views, so a write outside the target shows up as a changed sentinel.
+caches are such views (the `guards` fixture), so a write outside the target shows up as a changed sentinel.
+Bounds: `tolerances.assert_close` against a float64 oracle (bfloat16 stores truncate in the interpreter,
+a one-ulp effect inside its 4-ulp bound).
 """
 
 import os
@@ -10,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from helpers import SENTINEL, guarded, max_err, non_contiguous
+from helpers import non_contiguous
+from tolerances import assert_close, max_err
 
 import waveclip_kernels as wk
 from waveclip_kernels import _library
@@ -23,21 +26,6 @@ from waveclip_kernels.triton import attention as tri_attention
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
 )
-
-
-def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """Error vs a float64 oracle, scaled to the largest value: float64 to rounding, float32 within
-    ~100 ulp, half precision within 4 ulp of the output dtype (bfloat16 stores truncate in the
-    interpreter, a one-ulp effect)."""
-    assert out.dtype == dtype and out.shape == expected.shape
-    scale = max(1.0, expected.abs().max().item())
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 4 * torch.finfo(dtype).eps)
-    assert max_err(out, expected) <= tol * scale
-
-
-def assert_guard_intact(buffer: torch.Tensor, mask: torch.Tensor) -> None:
-    sentinel = torch.tensor(SENTINEL, dtype=buffer.dtype)
-    assert (buffer[~mask] == sentinel).all(), "a write landed outside the target"
 
 
 # --------------------------------------------------------------------------------------- tokenizer
@@ -62,19 +50,19 @@ def test_tokenize_matches_reference(levels, grid, size, color, dtype, out_dtype)
     assert len(tokens) == levels + 1
     for t, e in zip(tokens, expected):
         assert t.is_contiguous()
-        assert_matches(t, e, out_dtype if dtype != torch.float64 else torch.float64)
+        assert_close(t, e, out_dtype if dtype != torch.float64 else torch.float64)
 
 
-def test_tokenize_guard_bands_and_strided_outputs():
+def test_tokenize_guard_bands_and_strided_outputs(guards):
     levels, grid, size = 2, (2, 3), (16, 36)
     x = torch.randn(1, 3, *size)
     dims = stage_dims(levels, grid, size)
-    views = [guarded((1, 6, d), torch.float32, dim=dim) for d, dim in zip(dims, (2, 1, 0))]
-    out = tri.wavelet_tokenize(x, levels, grid, "ycbcr", torch.float32, out=[v for v, _, _ in views])
-    for t, e, (view, buffer, mask) in zip(out, ref.wavelet_tokenize(x, levels, grid), views):
+    views = [guards.new((1, 6, d), torch.float32, dim=dim) for d, dim in zip(dims, (2, 1, 0))]
+    out = tri.wavelet_tokenize(x, levels, grid, "ycbcr", torch.float32, out=views)
+    for t, e, view in zip(out, ref.wavelet_tokenize(x.double(), levels, grid), views):
         assert t is view
-        assert_matches(t, e.double(), torch.float32)
-        assert_guard_intact(buffer, mask)
+        assert_close(t, e, torch.float32)
+    guards.check()
 
 
 @pytest.mark.parametrize(
@@ -85,15 +73,15 @@ def test_tokenize_guard_bands_and_strided_outputs():
         (1, (2, 2), (12, 4), "ycbcr", torch.bfloat16),
     ],
 )
-def test_detokenize_matches_reference(levels, grid, size, color, dtype):
+def test_detokenize_matches_reference(levels, grid, size, color, dtype, guards):
     dims = stage_dims(levels, grid, size)
     g = grid[0] * grid[1]
     tokens = [torch.randn(2, g, d, dtype=torch.float64).to(dtype) for d in dims]
-    image, buffer, mask = guarded((2, 3, *size), dtype, dim=3)
+    image = guards.new((2, 3, *size), dtype, dim=3)
     out = tri.wavelet_detokenize([non_contiguous(t) for t in tokens], levels, grid, color, size, out=image)
     expected = ref.wavelet_detokenize([t.double() for t in tokens], levels, grid, color, size)
-    assert_matches(out, expected, dtype)
-    assert_guard_intact(buffer, mask)
+    assert_close(out, expected, dtype)
+    guards.check()
     public = wk.wavelet_detokenize(tokens, levels, grid, color, image_size=size, impl="triton")
     assert public.is_contiguous() and torch.equal(public, out)
 
@@ -127,20 +115,20 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,D,blocks", ATTENTION_CASES, ids=lambda c: str(c).replace(" ", ""))
-def test_block_causal_matches_reference(B, H, N, D, blocks, dtype):
+def test_block_causal_matches_reference(B, H, N, D, blocks, dtype, guards):
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64).to(dtype) for _ in range(3))
-    out, buffer, mask = guarded((B, H, N, D), dtype, dim=2)
+    out = guards.new((B, H, N, D), dtype, dim=2)
     got = tri.block_causal_attention(non_contiguous(q), k, non_contiguous(v), blocks, 0.3, out=out)
     expected = ref.block_causal_attention(q.double(), k.double(), v.double(), blocks, 0.3)
-    assert_matches(got, expected, dtype)
-    assert_guard_intact(buffer, mask)
+    assert_close(got, expected, dtype)
+    guards.check()
 
 
 def test_block_causal_public_api_contiguous_output():
     q, k, v = (torch.randn(1, 2, 17, 16).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
     out = wk.block_causal_attention(q, k, v, [9, 8], impl="triton")
     assert out.is_contiguous() and out.shape == (1, 2, 17, 16)
-    assert_matches(out, ref.block_causal_attention(q.double(), k.double(), v.double(), [9, 8]), torch.float32)
+    assert_close(out, ref.block_causal_attention(q.double(), k.double(), v.double(), [9, 8]), torch.float32)
 
 
 def test_block_causal_later_blocks_do_not_leak():
@@ -203,51 +191,32 @@ KV_CASES = [
 ]
 
 
-def _kv_inputs(B, B_cache, H, n, n_max, D, dtype, lens):
-    """q/k_new/v_new and guarded caches whose unused slots hold NaN: a read past c+n poisons the output."""
-    q, k_new, v_new = (torch.randn(B, H, n, D, dtype=torch.float64).to(dtype) for _ in range(3))
-    caches = []
-    for _ in range(2):
-        cache, buffer, mask = guarded((B_cache, H, n_max, D), dtype, dim=2)
-        cache.copy_(torch.randn(B_cache, H, n_max, D, dtype=torch.float64))
-        caches.append((cache, buffer, mask))
-    for (cache, _, _), c in zip(caches, [lens] * 2):
-        cache[:, :, max(c) + n :] = float("nan")
-    return q, k_new, v_new, caches
-
-
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,B_cache,H,n,n_max,D,lens,batch_index", KV_CASES, ids=lambda c: str(c).replace(" ", ""))
-def test_kv_append_matches_reference(B, B_cache, H, n, n_max, D, lens, batch_index, dtype, num_splits):
-    q, k_new, v_new, ((kc, kbuf, kmask), (vc, vbuf, vmask)) = _kv_inputs(B, B_cache, H, n, n_max, D, dtype, lens)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    index = None if batch_index is None else torch.tensor(batch_index)
-    k_expected, v_expected = kc.clone(), vc.clone()
+def test_kv_append_matches_reference(B, B_cache, H, n, n_max, D, lens, batch_index, dtype, num_splits, kv_case, guards):
+    # Never-written slots hold NaN: a read past c+n poisons the output.
+    case = kv_case(B, H, n, D, B_cache, n_max, lens, batch_index, dtype=dtype, nan_tail=True)
+    q, k_new, v_new, kc, vc, lens_t, index = case.args(torch.int32)
+    k_expected, v_expected = (c.to(torch.float64, copy=True) for c in (case.k_before, case.v_before))
     expected = ref.attention_with_kv_append(
-        q.double(), k_new.double(), v_new.double(), k_expected.double(), v_expected.double(), lens_t, index, 0.3
+        q.double(), k_new.double(), v_new.double(), k_expected, v_expected, lens_t, index, 0.3
     )
-    ref.attention_with_kv_append(q, k_new, v_new, k_expected, v_expected, lens_t, index, 0.3)
-    out, obuf, omask = guarded((B, H, n, D), dtype, dim=0)
+    out = guards.new((B, H, n, D), dtype, dim=0)
     got = tri.attention_with_kv_append(
         non_contiguous(q), k_new, non_contiguous(v_new), kc, vc, lens_t, index, 0.3, out=out, num_splits=num_splits
     )
-    assert_matches(got, expected, dtype)
-    # The appended slots are bit-exact copies and nothing else in the caches changed.
-    torch.testing.assert_close(kc, k_expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(vc, v_expected, rtol=0, atol=0, equal_nan=True)
-    for buffer, mask in ((kbuf, kmask), (vbuf, vmask), (obuf, omask)):
-        assert_guard_intact(buffer, mask)
+    assert_close(got, expected, dtype)
+    case.assert_caches_written()  # the appended slots are bit-exact copies and nothing else changed
+    guards.check()
 
 
-def test_kv_append_splits_with_empty_shares_and_int64_lens():
+def test_kv_append_splits_with_empty_shares_and_int64_lens(kv_case):
     """6 shares of a 1-tile key range: five are empty and must not disturb the combine."""
-    q, k_new, v_new, ((kc, _, _), (vc, _, _)) = _kv_inputs(2, 2, 1, 3, 40, 16, torch.float32, [0, 2])
-    lens = torch.tensor([0, 2])
-    k2, v2 = kc.clone(), vc.clone()
-    expected = ref.attention_with_kv_append(q.double(), k_new.double(), v_new.double(), k2.double(), v2.double(), lens)
+    case = kv_case(2, 1, 3, 16, 2, 40, [0, 2], dtype=torch.float32, nan_tail=True)
+    q, k_new, v_new, kc, vc, lens, _ = case.args()
     got = tri.attention_with_kv_append(q, k_new, v_new, kc, vc, lens, None, q.shape[-1] ** -0.5, num_splits=6)
-    assert_matches(got, expected, torch.float32)
+    assert_close(got, case.oracle(dtype=torch.float64), torch.float32)
 
 
 def test_kv_append_public_api_and_sequential_equals_block_causal():

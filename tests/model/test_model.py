@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model
 
 import waveclip_kernels as wk
 from waveclip import WaveCLIP, WaveCLIPConfig
@@ -33,8 +32,8 @@ def run_incremental(model, x, **kwargs):
     return state
 
 
-def test_forward_shapes_and_unit_exits():
-    model = tiny_model()
+def test_forward_shapes_and_unit_exits(tiny_tower):
+    model = tiny_tower()
     z = model(images(3))
     assert z.shape == (3, TINY.num_stages, TINY.embed_dim)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(3, TINY.num_stages))
@@ -50,8 +49,8 @@ def test_config_geometry():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_incremental_equals_full_pass(dtype, tol, batch):
-    model = tiny_model(dtype)
+def test_incremental_equals_full_pass(dtype, tol, batch, tiny_tower):
+    model = tiny_tower(dtype)
     x = images(batch, dtype)
     with torch.no_grad():
         full = model(x)
@@ -65,8 +64,8 @@ def test_incremental_equals_full_pass(dtype, tol, batch):
     assert rel_err(state.embeddings, full) <= tol
 
 
-def test_incremental_with_a_non_square_grid():
-    model = tiny_model(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
+def test_incremental_with_a_non_square_grid(tiny_tower):
+    model = tiny_tower(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
     x = images(2, torch.float64, model.config)
     with torch.no_grad():
         full = model(x)
@@ -78,8 +77,8 @@ def test_incremental_with_a_non_square_grid():
     "dtype, tol, impl",
     [(torch.float32, 1e-5, "auto"), (torch.float64, 1e-12, "auto"), (torch.float64, 1e-12, "reference")],
 )
-def test_batched_early_exit_equals_one_by_one(dtype, tol, impl):
-    model = tiny_model(dtype)
+def test_batched_early_exit_equals_one_by_one(dtype, tol, impl, tiny_tower):
+    model = tiny_tower(dtype)
     model.impl = impl
     x = images(5, dtype)
     state = model.start(x)
@@ -101,8 +100,8 @@ def test_batched_early_exit_equals_one_by_one(dtype, tol, impl):
         assert state.embeddings[b, ran:].isnan().all()
 
 
-def test_refine_rejects_bad_active_sets_before_writing():
-    model = tiny_model()
+def test_refine_rejects_bad_active_sets_before_writing(tiny_tower):
+    model = tiny_tower()
     state = model.start(images(3))
     model.refine(state, active=[0, 2])
     keys, lens = state.keys.clone(), state.cache_lens.clone()
@@ -118,8 +117,8 @@ def test_refine_rejects_bad_active_sets_before_writing():
         model.refine(state)
 
 
-def test_nobody_active_advances_without_compute():
-    model = tiny_model()
+def test_nobody_active_advances_without_compute(tiny_tower):
+    model = tiny_tower()
     state = model.start(images(2))
     z = model.refine(state, active=[])
     assert z.shape == (0, TINY.embed_dim) and state.stage == 1 and state.done
@@ -127,9 +126,9 @@ def test_nobody_active_advances_without_compute():
 
 
 @pytest.mark.parametrize("s", [0, 1])
-def test_block_causality_token_level_is_bit_exact(s):
+def test_block_causality_token_level_is_bit_exact(s, tiny_tower):
     """Changing the tokens of stages > s leaves exits <= s bit-identical, in both passes."""
-    model = tiny_model()
+    model = tiny_tower()
     tokens = model.tokenize(images(2))
     changed = [t if i <= s else torch.randn_like(t) for i, t in enumerate(tokens)]
     with torch.no_grad():
@@ -138,9 +137,9 @@ def test_block_causality_token_level_is_bit_exact(s):
     assert not torch.equal(a[:, s + 1 :], b[:, s + 1 :])
 
 
-def test_causality_under_finer_image_detail():
+def test_causality_under_finer_image_detail(tiny_tower):
     """Images that differ only in their finest wavelet detail give the same coarser exits."""
-    model = tiny_model(torch.float64)
+    model = tiny_tower(torch.float64)
     cfg = model.config
     tokens = wk.wavelet_tokenize(images(2, torch.float64), cfg.levels, cfg.grid, cfg.color)
     detail = tokens[:-1] + [torch.randn_like(tokens[-1])]
@@ -156,9 +155,9 @@ def test_causality_under_finer_image_detail():
     torch.testing.assert_close(state0.embeddings[:, :2], state1.embeddings[:, :2], rtol=0, atol=1e-12)
 
 
-def test_impl_is_passed_through_to_the_ops():
+def test_impl_is_passed_through_to_the_ops(tiny_tower):
     x = images(2)
-    model = tiny_model()
+    model = tiny_tower()
     with torch.no_grad():
         ref = model(x, impl="reference")
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
@@ -171,16 +170,16 @@ def test_impl_is_passed_through_to_the_ops():
 
 
 @pytest.mark.parametrize("size", [(30, 32), (32, 40), (64, 64)])
-def test_image_size_that_does_not_fit_raises(size):
-    model = tiny_model()
+def test_image_size_that_does_not_fit_raises(size, tiny_tower):
+    model = tiny_tower()
     with pytest.raises(ValueError, match=r"takes \(32, 32\)"):
         model(torch.randn(1, 3, *size))
     with pytest.raises(ValueError, match=r"takes \(32, 32\)"):
         model.start(torch.randn(1, 3, *size))
 
 
-def test_bad_inputs_raise_clearly():
-    model = tiny_model()
+def test_bad_inputs_raise_clearly(tiny_tower):
+    model = tiny_tower()
     with pytest.raises(ValueError, match="3 channels"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):

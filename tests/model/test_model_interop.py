@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_teacher
 
 import waveclip_kernels as wk
 from waveclip import WaveCLIP, WaveCLIPConfig, load_teacher
@@ -24,7 +23,7 @@ def mean_patch_embedding_per_cell(teacher, x, grid):
 
 
 @pytest.mark.parametrize("color", ["ycbcr", "rgb"])
-def test_analytic_stage_projection_init_property(color):
+def test_analytic_stage_projection_init_property(color, tiny_teacher):
     """Per grid cell, sum_s W_s @ token_s == mean of the teacher's patch embeddings over the cell."""
     teacher = tiny_teacher()
     config = dataclasses.replace(TINY, color=color)
@@ -55,7 +54,7 @@ def test_analytic_init_rejects_cells_that_are_not_whole_patches():
         stage_projection_init(torch.randn(4, 3, 6, 6), TINY)
 
 
-def test_from_open_clip_copies_and_initialises():
+def test_from_open_clip_copies_and_initialises(tiny_teacher):
     teacher = tiny_teacher()
     visual = teacher.visual
     student = WaveCLIP.from_open_clip(teacher, TINY)
@@ -81,7 +80,7 @@ def test_from_open_clip_copies_and_initialises():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("quick_gelu", [True, False])
-def test_copied_trunk_block_matches_the_open_clip_block(dtype, tol, quick_gelu):
+def test_copied_trunk_block_matches_the_open_clip_block(dtype, tol, quick_gelu, tiny_teacher):
     """One full (unmasked) block: our block on the copied weights == open_clip's ResidualAttentionBlock."""
     teacher = tiny_teacher(dtype, quick_gelu)
     config = dataclasses.replace(TINY, quick_gelu=quick_gelu)
@@ -94,12 +93,12 @@ def test_copied_trunk_block_matches_the_open_clip_block(dtype, tol, quick_gelu):
             assert (want - got).abs().max() <= tol * want.abs().max()
 
 
-def test_trunk_config_reads_the_teacher():
+def test_trunk_config_reads_the_teacher(tiny_teacher):
     cfg = trunk_config(tiny_teacher())
     assert cfg == dict(width=32, layers=2, heads=2, mlp_ratio=4.0, embed_dim=16, quick_gelu=True, teacher_patch_size=8)
 
 
-def test_from_open_clip_rejects_a_mismatched_config():
+def test_from_open_clip_rejects_a_mismatched_config(tiny_teacher):
     with pytest.raises(ValueError, match="width: config 64 vs teacher 32"):
         WaveCLIP.from_open_clip(tiny_teacher(), dataclasses.replace(TINY, width=64))
     with pytest.raises(ValueError, match="quick_gelu"):
@@ -109,7 +108,7 @@ def test_from_open_clip_rejects_a_mismatched_config():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_save_load_round_trip(tmp_path, dtype):
+def test_save_load_round_trip(tmp_path, dtype, tiny_teacher):
     student = WaveCLIP.from_open_clip(tiny_teacher(dtype), TINY)
     with torch.no_grad():
         student.level_embedding.normal_()

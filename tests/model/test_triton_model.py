@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from waveclip import WaveCLIP, WaveCLIPConfig
 from waveclip.zeroshot import ZeroShotClassifier
 
 # These run Triton on CPU tensors; the compiled GPU versions live in tests/test_triton_gpu.py.
@@ -16,18 +15,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def tiny_model(dtype: torch.dtype) -> WaveCLIP:
-    model = WaveCLIP(WaveCLIPConfig.from_preset("waveclip-tiny")).to(dtype).eval()
-    with torch.no_grad():  # perturb every parameter, so that nothing relies on zeros
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_full_and_incremental_exits_match_reference(dtype, tol):
-    model = tiny_model(dtype)
+def test_full_and_incremental_exits_match_reference(dtype, tol, tiny_tower):
+    model = tiny_tower(dtype)
     x = torch.randn(3, 3, *model.config.image_size, dtype=dtype)
     with torch.no_grad():
         full = model(x, impl="triton")
@@ -49,8 +40,8 @@ def test_full_and_incremental_exits_match_reference(dtype, tol):
 
 
 @pytest.mark.slow
-def test_zero_shot_predictions_match_reference():
-    model = tiny_model(torch.float32)
+def test_zero_shot_predictions_match_reference(tiny_tower):
+    model = tiny_tower(torch.float32)
     classes = torch.randn(5, model.config.embed_dim)
     classifier = ZeroShotClassifier(model, classes, logit_scale=30.0, thresholds=(0.6, 0.9))
     x = torch.randn(6, 3, *model.config.image_size)
