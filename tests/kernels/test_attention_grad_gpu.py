@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_err
+from tolerances import max_err
 
 import waveclip_kernels as wk
 from waveclip_kernels import reference as ref
