@@ -251,3 +251,11 @@ def test_bench_training_quick_run(tmp_path):
         assert {(kind, "waveclip:reference"), (kind, "sdpa_mask"), (kind, "sdpa_per_stage")} <= ran
     assert all(r["peak_mb"] > 0 for r in rows if r["status"] == "ok")
     assert (tmp_path / "training.csv").exists() and (tmp_path / "training.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=interpreter), "reference"])
+def test_opcheck_backward_op(impl):
+    q, k, v, grad = (torch.randn(1, 1, 7, 16) for _ in range(4))
+    out, lse = _library.block_causal_attention(q, k, v, [3, 4], 0.35, impl)
+    torch.library.opcheck(_library.block_causal_attention_backward, (grad, q, k, v, out, lse, [3, 4], 0.35, impl))
