@@ -34,10 +34,12 @@ class Case:
     levels: int = 3
     grid: int = 7
     color: str = "ycbcr"
+    threads: int | None = None  # CPU: torch threads for this case (None: leave torch's setting)
 
     @property
     def name(self) -> str:
-        return f"B={self.batch} {self.size}px {common.dtype_name(self.dtype)} L={self.levels} grid {self.grid}"
+        name = f"B={self.batch} {self.size}px {common.dtype_name(self.dtype)} L={self.levels} grid {self.grid}"
+        return name + (f" {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
 
     def params(self) -> dict:
         return {
@@ -47,10 +49,11 @@ class Case:
             "levels": self.levels,
             "grid": self.grid,
             "color": self.color,
+            "case_threads": self.threads or torch.get_num_threads(),
         }
 
 
-CPU_CASES = (Case(32, 224),)
+CPU_CASES = (Case(32, 224, threads=1), Case(32, 224, threads=2))
 QUICK_CASES = (Case(2, 64, levels=2, grid=4),)
 GPU_CASES = (Case(256, 224), Case(256, 224, torch.float16), Case(64, 448, grid=14))
 
@@ -107,6 +110,16 @@ def providers(images: torch.Tensor, case: Case, device: torch.device) -> list[di
 
 
 def run_case(case: Case, device: torch.device, budget_s: float = 1.0) -> list[dict]:
+    threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        return _run_case(case, device, budget_s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_case(case: Case, device: torch.device, budget_s: float) -> list[dict]:
     torch.manual_seed(0)
     images = torch.randn(case.batch, 3, case.size, case.size, device=device, dtype=case.dtype)
     expected = wk.wavelet_tokenize(images.double(), case.levels, case.grid, case.color, impl="reference")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _library
-from .common import FLOAT_DTYPES, image_size_error, normalize_grid, normalize_levels, stage_dims
+from .common import FLOAT_DTYPES, image_size_error, normalize_grid, normalize_image_size, normalize_levels, stage_dims
 
 IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 OPS = ("wavelet_tokenize", "wavelet_detokenize", "block_causal_attention", "attention_with_kv_append")
@@ -160,7 +160,8 @@ def wavelet_detokenize(tokens, levels: int, grid, color: str = "ycbcr", image_si
     Args:
         tokens: sequence of L+1 tensors (B, Gh*Gw, dim_s), coarse to fine, one dtype and device.
         levels, grid, color: as given to `wavelet_tokenize`.
-        image_size: (H, W); default: inferred from stage 0 assuming square patches.
+        image_size: (H, W), or an int for a square image. Required: the token shapes fix the area of
+            a grid cell, not its aspect (16 x 64 and 32 x 32 images give the same shapes).
         impl: "auto", "triton", "cuda", "cpu" or "reference".
 
     Returns:
@@ -175,9 +176,11 @@ def wavelet_detokenize(tokens, levels: int, grid, color: str = "ycbcr", image_si
         _check_tensor(f"tokens[{s}]", t, 3)
         _same(f"tokens[{s}]", t, "tokens[0]", tokens[0])
     if image_size is None:
-        side = math.isqrt(tokens[0].shape[-1] // 3)
-        image_size = (side * grid[0] << levels, side * grid[1] << levels)
-    image_size = tuple(int(s) for s in image_size)
+        raise ValueError(
+            "image_size is required: the token shapes fix the area of a grid cell but not its aspect; "
+            "pass image_size=(H, W) as given to wavelet_tokenize"
+        )
+    image_size = normalize_image_size(image_size)
     check_image_size(image_size, levels, grid)
     dims = stage_dims(levels, grid, image_size)
     B = tokens[0].shape[0]

@@ -59,6 +59,18 @@ def normalize_grid(grid) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def normalize_image_size(image_size) -> tuple[int, int]:
+    """An int (a square image) or an (H, W) pair of positive ints (numpy ints too, never bools) -> (H, W)."""
+    pair = (image_size, image_size) if _is_int(image_size) else image_size
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(s) and s > 0 for s in pair):
+        raise ValueError(f"image_size must be a positive int or an (H, W) pair of positive ints, got {image_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def stage_shapes(levels: int, image_size: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(channels, band height, band width) of every stage, coarse to fine.
 

@@ -60,7 +60,7 @@ def test_detokenize_bad_input():
     with pytest.raises(ValueError, match="levels \\+ 1 = 4"):
         wk.wavelet_detokenize(tokens, 3, 2, impl="reference")
     with pytest.raises(ValueError, match="tokens\\[1\\] must have shape"):
-        wk.wavelet_detokenize([tokens[0], tokens[2], tokens[1]], 2, 2, impl="reference")
+        wk.wavelet_detokenize([tokens[0], tokens[2], tokens[1]], 2, 2, image_size=16, impl="reference")
     with pytest.raises(TypeError, match="tokens\\[2\\] has dtype"):
         wk.wavelet_detokenize([tokens[0], tokens[1], tokens[2].double()], 2, 2, impl="reference")
 
@@ -174,7 +174,7 @@ def test_reference_runs_without_triton_or_extension():
         import waveclip_kernels as wk
         x = torch.randn(1, 3, 16, 16)
         t = wk.wavelet_tokenize(x, 2, 2)
-        assert torch.allclose(wk.wavelet_detokenize(t, 2, 2), x, atol=1e-5)
+        assert torch.allclose(wk.wavelet_detokenize(t, 2, 2, image_size=16), x, atol=1e-5)
         q = torch.randn(1, 2, 5, 4)
         wk.block_causal_attention(q, q, q, [2, 3])
         cache = torch.zeros(1, 2, 8, 4)

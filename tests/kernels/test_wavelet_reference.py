@@ -85,10 +85,10 @@ def test_levels_zero_is_the_colour_mixed_image_on_the_grid():
     torch.testing.assert_close(tokens[:, 5], y[:, :, 2:4, 4:6].reshape(2, 12), rtol=0, atol=1e-15)
 
 
-def test_detokenize_infers_square_size():
+def test_detokenize_int_image_size_means_square():
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     tokens = wk.wavelet_tokenize(x, 2, 4, impl="reference")
-    torch.testing.assert_close(wk.wavelet_detokenize(tokens, 2, 4, impl="reference"), x)
+    torch.testing.assert_close(wk.wavelet_detokenize(tokens, 2, 4, image_size=32, impl="reference"), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
