@@ -60,7 +60,8 @@ KERNELS = ("forward", "kv_append", "backward_dq", "backward_dkdv")
 # query tile, BLOCK_N the key tile; in backward_dkdv the key tile stays resident and the query tiles
 # stream, in the other three the query tile stays. "ieee" fp32 runs on the CUDA cores, where a dot
 # keeps its whole reduction extent per thread: 64 x 64 tiles spill KBs there; 32 x 32 with 8 warps
-# still spills 160 B at head dim 64 (255 registers), the least of the small tiles tried. Block-aligned tiles pad each block's
+# still spills 160 B at head dim 64 (255 registers), the least of the small tiles tried.
+# The 3xTF32 backward kernels spill 32-240 B with 64-row tiles at head dim 64, none at 32 x 32. Block-aligned tiles pad each block's
 # last tile: 32-row tiles keep that waste low for blocks of 197 tokens (the 448 preset).
 _CANDIDATES = {
     ("forward", "half"): [
@@ -75,11 +76,11 @@ _CANDIDATES = {
     ("forward", "ieee"): [(32, 32, 8, 2), (16, 32, 4, 2)],
     ("forward", "fp64"): [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 3), (16, 16, 4, 2)],
     ("backward_dq", "half"): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-    ("backward_dq", "tf32"): [(64, 32, 4, 2), (32, 64, 4, 2)],
+    ("backward_dq", "tf32"): [(32, 32, 4, 2)],
     ("backward_dq", "ieee"): [(32, 32, 4, 2), (16, 32, 4, 2)],
     ("backward_dq", "fp64"): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     ("backward_dkdv", "half"): [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-    ("backward_dkdv", "tf32"): [(32, 64, 4, 2), (64, 32, 4, 2)],
+    ("backward_dkdv", "tf32"): [(32, 32, 4, 2)],
     ("backward_dkdv", "ieee"): [(32, 32, 4, 2), (32, 16, 4, 2)],
     ("backward_dkdv", "fp64"): [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
 }
