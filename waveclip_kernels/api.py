@@ -232,7 +232,7 @@ def block_causal_attention(q, k, v, block_sizes, scale: float | None = None, imp
     if not sizes or any(s <= 0 for s in sizes) or sum(sizes) != q.shape[2]:
         raise ValueError(f"block_sizes must be positive and sum to N={q.shape[2]}, got {list(block_sizes)}")
     chosen = resolve_impl(impl, "block_causal_attention", q.device)
-    return _library.block_causal_attention(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)
+    return _library.block_causal_attention(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)[0]
 
 
 def _as_index(name: str, x, batch: int, device: torch.device) -> torch.Tensor:
