@@ -244,7 +244,7 @@ def block_causal_attention(q, k, v, block_sizes, scale: float | None = None, imp
         raise ValueError(f"block_sizes must be positive and sum to N={q.shape[2]}, got {list(block_sizes)}")
     chosen = resolve_impl(impl, "block_causal_attention", q.device)
     op = _library.block_causal_body if _library.eager_direct(q, k, v) else _library.block_causal_attention
-    return op(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)
+    return op(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)[0]
 
 
 def _check_index_tensor(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
