@@ -231,7 +231,7 @@ class WaveCLIP(nn.Module):
 
     # ---------------------------------------------------------------------------- incremental pass
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def start(
         self, images: Tensor | None = None, impl: str | None = None, *, tokens: Sequence[Tensor] | None = None
     ) -> InferenceState:
@@ -265,7 +265,7 @@ class WaveCLIP(nn.Module):
         self._run_stage(state, 0, state.active)
         return state
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def refine(
         self, state: InferenceState, active: Tensor | Sequence | None = None, tokens: Tensor | None = None
     ) -> Tensor:

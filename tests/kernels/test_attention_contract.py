@@ -190,8 +190,7 @@ def test_kv_append_with_a_plan_compiles_fullgraph():
 
 
 def test_tiny_tower_compiles_fullgraph(tiny_tower):
-    """forward with aot_eager; start/refine with the eager backend (dynamo captures them whole: AOT
-    autograd refuses the inference tensors of their @torch.inference_mode, a PyTorch limitation)."""
+    """forward, start and refine, each captured whole and run through AOT autograd (aot_eager)."""
     model = tiny_tower()
     images = torch.randn(2, 3, *model.config.image_size)
     with torch.no_grad():
@@ -206,8 +205,8 @@ def test_tiny_tower_compiles_fullgraph(tiny_tower):
 
     eager = run(model.start, model.refine)
     torch._dynamo.reset()
-    start = torch.compile(model.start, backend="eager", fullgraph=True)
-    refine = torch.compile(model.refine, backend="eager", fullgraph=True)
+    start = torch.compile(model.start, backend="aot_eager", fullgraph=True)
+    refine = torch.compile(model.refine, backend="aot_eager", fullgraph=True)
     compiled = run(start, refine)
     assert len(eager) == model.config.num_stages
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
