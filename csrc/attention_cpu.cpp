@@ -4,6 +4,8 @@
 // values [0, len) of one (batch or cache row, head). One thread computes a job whole: S = scale * Q K^T by
 // one sgemm into a thread-local (rows, len) buffer, the softmax numerator of each row (max, exp, sum) in
 // place, O = P V by a second sgemm straight into the output rows, then each row is divided by its sum.
+// When asked (for the backward), the job also writes each row's log-sum-exp, max + log(sum), of the
+// scaled scores: the convention of PyTorch's CPU flash attention, whose backward reads it.
 // A block-causal query block only reads its own prefix: masked (query, key) pairs are never computed, and
 // nothing (not even a NaN) flows from a later block into an earlier one.
 //
@@ -80,8 +82,8 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   return p * std::bit_cast<float>(scale);
 }
 
-// p[0, len) <- exp(p - max(p)); returns the sum of the new values.
-WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len) {
+// p[0, len) <- exp(p - max(p)); returns the sum of the new values, and max(p) in *max.
+WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len, float* max) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < len; ++j) m = p[j] > m ? p[j] : m;
@@ -92,10 +94,11 @@ WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len) {
     p[j] = y;
     sum += y;
   }
+  *max = m;
   return sum;
 }
 
-double softmax_numerator(double* __restrict p, int64_t len) {
+double softmax_numerator(double* __restrict p, int64_t len, double* max) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < len; ++j) m = p[j] > m ? p[j] : m;
   double sum = 0.0;
@@ -103,6 +106,7 @@ double softmax_numerator(double* __restrict p, int64_t len) {
     p[j] = std::exp(p[j] - m);
     sum += p[j];
   }
+  *max = m;
   return sum;
 }
 
@@ -113,6 +117,7 @@ struct Job {
   const T* k;  // (len, D), row stride Layout::k
   const T* v;  // (len, D), row stride Layout::v
   T* out;      // (rows, D), row stride Layout::out
+  T* lse;      // (rows,) unit-stride, or nullptr when not asked for
   int64_t rows, len;
 };
 
@@ -127,7 +132,12 @@ void run_job(const Job<T>& job, const Layout& l, T scale, T* scores) {
   // scores (rows, len) row-major = (K Q^T) column-major.
   gemm('T', 'N', len, rows, D, scale, job.k, static_cast<int>(l.k), job.q, static_cast<int>(l.q), T(0), scores, len);
   T inv[kTileRows];
-  for (int i = 0; i < rows; ++i) inv[i] = T(1) / softmax_numerator(scores + static_cast<int64_t>(i) * len, len);
+  for (int i = 0; i < rows; ++i) {
+    T max;
+    const T sum = softmax_numerator(scores + static_cast<int64_t>(i) * len, len, &max);
+    inv[i] = T(1) / sum;
+    if (job.lse != nullptr) job.lse[i] = max + std::log(sum);
+  }
   // out (rows, D) row-major = (V^T P^T) column-major.
   gemm('N', 'N', D, rows, len, T(1), job.v, static_cast<int>(l.v), scores, len, T(0), job.out, static_cast<int>(l.out));
   for (int i = 0; i < rows; ++i) {
@@ -173,16 +183,18 @@ at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at:
 
 template <typename T>
 void block_causal_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::vector<int64_t>& block_sizes, double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1);
+                        const std::vector<int64_t>& block_sizes, double scale, at::Tensor& out, at::Tensor* lse) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const Layout l{row_stride(q), row_stride(k), row_stride(v), out.stride(2), q.size(3)};
   const T* qp = q.const_data_ptr<T>();  // (B, H, N, D), strides q.stride()
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();  // (B, H, N, D) contiguous
+  T* op = out.data_ptr<T>();                               // (B, H, N, D) contiguous
+  T* lp = lse != nullptr ? lse->data_ptr<T>() : nullptr;  // (B, H, N) contiguous
   std::vector<Job<T>> jobs;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
+      T* lb = lp != nullptr ? lp + (b * H + h) * N : nullptr;
       const T* kb = kp + b * k.stride(0) + h * k.stride(1);
       const T* vb = vp + b * v.stride(0) + h * v.stride(1);
       int64_t start = 0;
@@ -191,7 +203,8 @@ void block_causal_typed(const at::Tensor& q, const at::Tensor& k, const at::Tens
         for_each_tile(size, [&](int64_t t0, int64_t rows) {
           const int64_t row = start + t0;
           jobs.push_back({qp + b * q.stride(0) + h * q.stride(1) + row * l.q, kb, vb,
-                          op + b * out.stride(0) + h * out.stride(1) + row * l.out, rows, end});
+                          op + b * out.stride(0) + h * out.stride(1) + row * l.out,
+                          lb != nullptr ? lb + row : nullptr, rows, end});
         });
         start = end;
       }
@@ -217,7 +230,7 @@ void prefixes_typed(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         jobs.push_back({qp + b * q.stride(0) + h * q.stride(1) + t0 * l.q,
                         kp + r * k_cache.stride(0) + h * k_cache.stride(1),
                         vp + r * v_cache.stride(0) + h * v_cache.stride(1),
-                        op + b * out.stride(0) + h * out.stride(1) + t0 * l.out, rows, len});
+                        op + b * out.stride(0) + h * out.stride(1) + t0 * l.out, nullptr, rows, len});
       });
     }
   }
@@ -228,18 +241,22 @@ void prefixes_typed(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
 
 bool cpu_attention_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
-at::Tensor block_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const std::vector<int64_t>& block_sizes, double scale) {
+std::tuple<at::Tensor, at::Tensor> block_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const std::vector<int64_t>& block_sizes, double scale,
+                                                              bool with_lse) {
   TORCH_CHECK(cpu_attention_available(), "block_causal_attention: this torch exports no BLAS sgemm_/dgemm_");
   const at::ScalarType ct = compute_type(q);
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(ct));
-  if (q.numel() == 0) return out.to(q.scalar_type());
+  at::Tensor lse = at::empty(with_lse ? q.sizes().slice(0, 3) : at::IntArrayRef{0}, q.options().dtype(ct));
+  if (q.numel() == 0) return {out.to(q.scalar_type()), lse};
   const at::Tensor qc = as_rows(q, ct), kc = as_rows(k, ct), vc = as_rows(v, ct);
+  at::Tensor* lse_out = with_lse ? &lse : nullptr;
   if (ct == at::kDouble)
-    block_causal_typed<double>(qc, kc, vc, block_sizes, scale, out);
+    block_causal_typed<double>(qc, kc, vc, block_sizes, scale, out, lse_out);
   else
-    block_causal_typed<float>(qc, kc, vc, block_sizes, scale, out);
-  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+    block_causal_typed<float>(qc, kc, vc, block_sizes, scale, out, lse_out);
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
 
 at::Tensor attend_prefixes_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -454,9 +454,12 @@ at::Tensor attention_with_kv_append_planned(const at::Tensor& q, const at::Tenso
   return append_and_attend(q, k_new, v_new, k_cache, v_cache, plan, scale);
 }
 
-// q, k, v: (B, H, N, D) -> (B, H, N, D): a query of block i attends the keys of blocks <= i.
-at::Tensor block_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const std::vector<int64_t>& block_sizes, double scale) {
+// q, k, v: (B, H, N, D) -> (out (B, H, N, D), lse (B, H, N) or empty): a query of block i attends the keys
+// of blocks <= i; lse, each row's log-sum-exp, only when with_lse.
+std::tuple<at::Tensor, at::Tensor> block_causal_attention(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::vector<int64_t>& block_sizes, double scale,
+                                                          bool with_lse) {
   constexpr const char* op = "block_causal_attention";
   check_float(op, "q", q, 4, "(B, H, N, D)");
   check_float(op, "k", k, 4, "(B, H, N, D)");
@@ -473,7 +476,7 @@ at::Tensor block_causal_attention(const at::Tensor& q, const at::Tensor& k, cons
     total += s;
   }
   TORCH_CHECK_VALUE(total == q.size(2), op, ": block sizes ", block_sizes, " must sum to N=", q.size(2));
-  return block_causal_attention_cpu(q, k, v, block_sizes, scale);
+  return block_causal_attention_cpu(q, k, v, block_sizes, scale, with_lse);
 }
 
 bool has_cuda() {
@@ -525,7 +528,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("lens"), py::arg("rows"),
         py::arg("scale"));
   m.def("block_causal_attention", &waveclip::block_causal_attention, release(), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("block_sizes"), py::arg("scale"));
+        py::arg("v"), py::arg("block_sizes"), py::arg("scale"), py::arg("with_lse"));
   m.def("cpu_attention_available", &waveclip::cpu_attention_available,
         "Whether the CPU attention kernels run (the BLAS of this torch is exported).");
   m.def("has_cuda", &waveclip::has_cuda, "Whether this build includes the CUDA kernels.");

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace waveclip {
@@ -100,9 +101,13 @@ void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::
 bool cpu_attention_available();
 
 // q, k, v: (B, H, N, D) of one dtype, head dim unit-stride or not; block_sizes partitions N. Returns a
-// contiguous (B, H, N, D) in q's dtype: a query of block i attends the keys of blocks <= i.
-at::Tensor block_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const std::vector<int64_t>& block_sizes, double scale);
+// contiguous (B, H, N, D) in q's dtype: a query of block i attends the keys of blocks <= i. With with_lse,
+// also each row's log-sum-exp of the scaled scores, contiguous (B, H, N) in the compute dtype (float64 for
+// float64 inputs, else float32); without, an empty tensor.
+std::tuple<at::Tensor, at::Tensor> block_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const std::vector<int64_t>& block_sizes, double scale,
+                                                              bool with_lse);
 
 // q: (B, H, n, D) attends [0, plan.lens[b] + n) of cache row plan.rows[b] (already written). Returns a
 // contiguous (B, H, n, D) in q's dtype.

@@ -123,13 +123,18 @@ def eager_direct(*tensors: Tensor) -> bool:
 
 
 def block_causal_body(
-    q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str
+    q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str, with_lse: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """What `waveclip::block_causal_attention` runs: (out, lse)."""
+    """What `waveclip::block_causal_attention` runs: (out, lse). with_lse=False (a call no backward
+    follows) spares impl="cpu" its log-sum-exp and returns an empty lse."""
     if impl == "triton":
         from . import triton as triton_backend
 
         return triton_backend.block_causal_attention_forward(q, k, v, list(block_sizes), scale)
+    if impl == "cpu" and with_lse:
+        from . import extension
+
+        return extension.block_causal_attention_with_lse(q, k, v, list(block_sizes), scale)
     out = backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
     return out, q.new_empty((0,), dtype=compute_dtype(q.dtype))
 
@@ -138,15 +143,15 @@ def block_causal_body(
 def block_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse): lse is the per-row log-sum-exp the Triton backward reads, (B, H, N) in the
-    accumulation dtype for impl="triton" and an empty tensor for the others (their backward
-    recomputes what it needs)."""
+    """(out, lse): lse is the per-row log-sum-exp the backward reads, (B, H, N) in the accumulation
+    dtype for impl="triton" and "cpu", an empty tensor for the others (their backward recomputes what
+    it needs)."""
     return block_causal_body(q, k, v, block_sizes, scale, impl)
 
 
 @block_causal_attention.register_fake
 def _(q, k, v, block_sizes, scale, impl):
-    lse_shape = q.shape[:3] if impl == "triton" else (0,)
+    lse_shape = q.shape[:3] if impl in ("triton", "cpu") else (0,)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
 
@@ -168,7 +173,7 @@ def block_causal_attention_backward(
         from . import triton as triton_backend
 
         return triton_backend.block_causal_attention_backward(grad_out, q, k, v, out, lse, list(block_sizes), scale)
-    return composed_attention_backward(grad_out, q, k, v, list(block_sizes), scale)
+    return composed_attention_backward(grad_out, q, k, v, list(block_sizes), scale, out, lse)
 
 
 @block_causal_attention_backward.register_fake
@@ -180,18 +185,24 @@ _CPU_FLASH_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def composed_attention_backward(grad_out, q, k, v, block_sizes: list[int], scale: float):
+def composed_attention_backward(grad_out, q, k, v, block_sizes: list[int], scale: float, out=None, lse=None):
     """Block-causal gradients without a fused kernel: block i's queries against its prefix [0, end_i).
 
-    On the CPU each block runs PyTorch's flash-attention CPU forward (for its log-sum-exp) and
-    backward on prefix views, the key/value gradients summed in place; elsewhere autograd through
-    one SDPA call per block. No N x N score matrix is formed (docs/design.md section 3).
+    On the CPU each block runs PyTorch's flash-attention CPU backward on prefix views, the key/value
+    gradients summed in place. It reads the forward's output and log-sum-exp when they are given
+    (impl="cpu" saves them), else it first reruns the CPU flash forward per block for them. Elsewhere
+    autograd through one SDPA call per block. No N x N score matrix is formed (docs/design.md section 3).
+
+    Args:
+        out, lse: the forward's (B, H, N, D) output and (B, H, N) log-sum-exp, or None (or an empty
+            lse) to recompute them.
 
     Returns:
         (dq, dk, dv) in q's dtype.
     """
     if q.device.type != "cpu":
         return _per_block_sdpa_backward(grad_out, q, k, v, block_sizes, scale)
+    saved = lse is not None and lse.numel() > 0
     # The CPU flash backward returns wrong dq/dk for inputs whose last dim is strided.
     grad_out, q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (grad_out, q, k, v))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -201,8 +212,13 @@ def composed_attention_backward(grad_out, q, k, v, block_sizes: list[int], scale
     for size in block_sizes:
         end = start + size
         qs, ks, vs = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
-        out, lse = _CPU_FLASH_FORWARD(qs, ks, vs, scale=scale)
-        gq, gk, gv = _CPU_FLASH_BACKWARD(grad_out[:, :, start:end], qs, ks, vs, out, lse, 0.0, False, scale=scale)
+        if saved:
+            block_out, block_lse = out[:, :, start:end], lse[:, :, start:end]
+        else:
+            block_out, block_lse = _CPU_FLASH_FORWARD(qs, ks, vs, scale=scale)
+        gq, gk, gv = _CPU_FLASH_BACKWARD(
+            grad_out[:, :, start:end], qs, ks, vs, block_out, block_lse, 0.0, False, scale=scale
+        )
         dq[:, :, start:end] = gq
         dk[:, :, :end] += gk
         dv[:, :, :end] += gv

@@ -243,8 +243,10 @@ def block_causal_attention(q, k, v, block_sizes, scale: float | None = None, imp
     if not sizes or any(s <= 0 for s in sizes) or sum(sizes) != q.shape[2]:
         raise ValueError(f"block_sizes must be positive and sum to N={q.shape[2]}, got {list(block_sizes)}")
     chosen = resolve_impl(impl, "block_causal_attention", q.device)
-    op = _library.block_causal_body if _library.eager_direct(q, k, v) else _library.block_causal_attention
-    return op(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)[0]
+    scale = _scale(scale, q.shape[-1])
+    if _library.eager_direct(q, k, v):
+        return _library.block_causal_body(q, k, v, sizes, scale, chosen, with_lse=False)[0]
+    return _library.block_causal_attention(q, k, v, sizes, scale, chosen)[0]
 
 
 def _check_index_tensor(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:

@@ -72,7 +72,18 @@ def block_causal_attention(q, k, v, block_sizes: list, scale: float):
     (masked pairs are never computed), softmax, then P V, through BLAS; fp16/bf16 compute in fp32.
     The result does not depend on the thread count.
     """
-    return _ext().block_causal_attention(q, k, v, list(block_sizes), scale)
+    return _ext().block_causal_attention(q, k, v, list(block_sizes), scale, False)[0]
+
+
+def block_causal_attention_with_lse(q, k, v, block_sizes: list, scale: float):
+    """`block_causal_attention` that also returns each row's log-sum-exp of the scaled scores.
+
+    Returns:
+        (out, lse): out as `block_causal_attention`; lse contiguous (B, H, N) in float64 for float64
+        inputs, else float32, in the convention of `aten::_scaled_dot_product_flash_attention_for_cpu`
+        (max + log(sum of exp)), which its backward reads.
+    """
+    return _ext().block_causal_attention(q, k, v, list(block_sizes), scale, True)
 
 
 def attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale: float):
