@@ -22,6 +22,9 @@ from waveclip_kernels import triton as tri
 interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
 )
+extension_only = pytest.mark.skipif(
+    "cpu" not in wk.available_impls("cpu")["block_causal_attention"], reason="the C++ extension is not built"
+)
 
 # (B, H, N, D, block sizes): blocks of size 1, N not a multiple of any tile (16/32), head dims
 # 16/40/64/80 (40 and 80 padded), batch 1 and 2.
@@ -203,6 +206,92 @@ def test_composed_backward_matches_reference(B, H, N, D, blocks, dtype):
         assert max_err(g, e) <= tol * max(1.0, e.abs().max().item())
 
 
+# Shapes for the C++ kernel's log-sum-exp: blocks of size 1, a block longer than its 64-row query
+# tile (so a tile of 6 rows follows a full one), N not a multiple of 64, batch 1 and 2.
+LSE_CASES = [*GRAD_CASES, (1, 2, 75, 16, [1, 70, 4]), (2, 1, 131, 8, [65, 1, 65])]
+LSE_IDS = [f"B{b}H{h}N{n}D{d}" for b, h, n, d, _ in LSE_CASES]
+
+
+@extension_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H,N,D,blocks", LSE_CASES, ids=LSE_IDS)
+def test_cpu_forward_lse_equals_the_flash_forward_lse(B, H, N, D, blocks, dtype):
+    """The C++ forward's log-sum-exp is, per block, what PyTorch's CPU flash forward returns for that
+    block's queries against its prefix: the convention its backward reads."""
+    q, k, v = inputs(B, H, N, D, dtype=dtype, requires_grad=False)
+    out, lse = _library.block_causal_attention(q, k, v, blocks, 0.3, "cpu")
+    assert lse.shape == (B, H, N) and lse.dtype == dtype and lse.is_contiguous()
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    start = 0
+    for size in blocks:
+        end = start + size
+        # The flash kernel needs a unit-stride last dim (it misreads the transposed layout).
+        qs, ks, vs = (t.contiguous() for t in (q[:, :, start:end], k[:, :, :end], v[:, :, :end]))
+        flash_out, flash_lse = _library._CPU_FLASH_FORWARD(qs, ks, vs, scale=0.3)
+        assert max_err(lse[:, :, start:end], flash_lse) <= tol * max(1.0, flash_lse.abs().max().item())
+        assert max_err(out[:, :, start:end], flash_out) <= 10 * tol
+        start = end
+
+
+@extension_only
+def test_cpu_forward_lse_does_not_depend_on_the_thread_count():
+    q, k, v = inputs(2, 3, 131, 16, dtype=torch.float32, requires_grad=False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_library.block_causal_attention(q, k, v, [65, 1, 65], 0.3, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@extension_only
+@pytest.mark.parametrize("B,H,N,D,blocks", LSE_CASES, ids=LSE_IDS)
+def test_cpu_gradients_equal_the_reference_impl(B, H, N, D, blocks):
+    """impl="cpu" (the saved output and log-sum-exp through the flash backward) against impl="reference"
+    (its backward reruns the flash forward), fp64, non-contiguous inputs and gradient."""
+    q, k, v = inputs(B, H, N, D)
+    grad = non_contiguous(torch.randn(B, H, N, D, dtype=torch.float64))
+    got = torch.autograd.grad(wk.block_causal_attention(q, k, v, blocks, impl="cpu"), (q, k, v), grad)
+    expected = torch.autograd.grad(wk.block_causal_attention(q, k, v, blocks, impl="reference"), (q, k, v), grad)
+    for g, e in zip(got, expected):
+        assert g.shape == (B, H, N, D)
+        assert max_err(g, e) <= 1e-12 * max(1.0, e.abs().max().item())
+
+
+@extension_only
+@pytest.mark.parametrize("B,N,blocks", [(1, 7, [1, 1, 5]), (2, 67, [1, 65, 1])])
+def test_cpu_gradcheck_fp64(B, N, blocks):
+    q, k, v = inputs(B, 2, N, 4)
+
+    def f(a, b, c):
+        return wk.block_causal_attention(a, b, c, blocks, impl="cpu")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+
+
+@extension_only
+def test_cpu_backward_reads_the_saved_lse_and_inference_skips_it(monkeypatch):
+    """A training step with impl="cpu" never reruns a forward in its backward; a call without autograd
+    never asks the kernel for the log-sum-exp."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("called where it must not be")
+
+    monkeypatch.setattr(_library, "_CPU_FLASH_FORWARD", refuse)
+    q, k, v = inputs(1, 2, 9, 16)
+    torch.autograd.grad(wk.block_causal_attention(q, k, v, [4, 5], impl="cpu").sum(), (q, k, v))
+    from waveclip_kernels import extension
+
+    monkeypatch.setattr(extension, "block_causal_attention_with_lse", refuse)
+    with torch.no_grad():
+        wk.block_causal_attention(q, k, v, [4, 5], impl="cpu")
+    wk.block_causal_attention(q.detach(), k.detach(), v.detach(), [4, 5], impl="cpu")
+
+
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_cpu_impls_gradcheck_and_gradgradcheck(impl):
     """The CPU autograd formula (first order: the composed backward; create_graph: differentiable
@@ -254,7 +343,9 @@ def test_bench_training_quick_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", [pytest.param("triton", marks=interpreter), "reference"])
+@pytest.mark.parametrize(
+    "impl", [pytest.param("triton", marks=interpreter), pytest.param("cpu", marks=extension_only), "reference"]
+)
 def test_opcheck_backward_op(impl):
     q, k, v, grad = (torch.randn(1, 1, 7, 16) for _ in range(4))
     out, lse = _library.block_causal_attention(q, k, v, [3, 4], 0.35, impl)
