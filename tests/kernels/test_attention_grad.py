@@ -234,14 +234,16 @@ def test_cpu_forward_lse_equals_the_flash_forward_lse(B, H, N, D, blocks, dtype)
 
 
 @extension_only
-def test_cpu_forward_lse_does_not_depend_on_the_thread_count():
-    q, k, v = inputs(2, 3, 131, 16, dtype=torch.float32, requires_grad=False)
+def test_cpu_lse_and_gradients_do_not_depend_on_the_thread_count():
+    q, k, v = inputs(2, 3, 131, 16, dtype=torch.float32)
+    grad = torch.randn(2, 3, 131, 16)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(_library.block_causal_attention(q, k, v, [65, 1, 65], 0.3, "cpu"))
+            out, lse = _library.block_causal_attention(q, k, v, [65, 1, 65], 0.3, "cpu")
+            results.append((out, lse, *torch.autograd.grad(out, (q, k, v), grad)))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
