@@ -69,7 +69,8 @@ def seeded_tiny_tower(seed: int = GOLDEN_SEED):
     state = {}
     for name, value in sorted(model.state_dict().items()):
         draw = 0.1 * torch.randn(value.shape, generator=g, dtype=torch.float64)
-        state[name] = 1 + draw if name.endswith(("ln_pre.weight", "ln_post.weight", "ln_1.weight", "ln_2.weight")) else draw
+        layer_norm_weight = name.endswith(("ln_pre.weight", "ln_post.weight", "ln_1.weight", "ln_2.weight"))
+        state[name] = 1 + draw if layer_norm_weight else draw
     model.load_state_dict(state)
     return model
 

@@ -50,7 +50,8 @@ def attention(x: torch.Tensor, p: dict, prefix: str, heads: int, mask: torch.Ten
 def oracle_exits(state: dict, config, images: torch.Tensor) -> torch.Tensor:
     """(B, L+1, embed_dim) exits of the tower whose parameters are `state`, from docs/design.md only."""
     p = {name: t.detach().double() for name, t in state.items()}
-    tokens = [torch.from_numpy(t) for t in pywt_tokens(images.double().numpy(), config.levels, config.grid, config.color)]
+    arrays = pywt_tokens(images.double().numpy(), config.levels, config.grid, config.color)
+    tokens = [torch.from_numpy(t) for t in arrays]
     B, S = images.shape[0], len(tokens)
     blocks = []
     for s, t in enumerate(tokens):
@@ -63,7 +64,8 @@ def oracle_exits(state: dict, config, images: torch.Tensor) -> torch.Tensor:
     for layer in range(config.layers):
         r = f"transformer.resblocks.{layer}."
         x = x + attention(layer_norm(x, p[r + "ln_1.weight"], p[r + "ln_1.bias"]), p, r + "attn.", config.heads, mask)
-        h = layer_norm(x, p[r + "ln_2.weight"], p[r + "ln_2.bias"]) @ p[r + "mlp.c_fc.weight"].T + p[r + "mlp.c_fc.bias"]
+        h = layer_norm(x, p[r + "ln_2.weight"], p[r + "ln_2.bias"])
+        h = h @ p[r + "mlp.c_fc.weight"].T + p[r + "mlp.c_fc.bias"]
         h = h * torch.sigmoid(1.702 * h) if config.quick_gelu else torch.nn.functional.gelu(h)
         x = x + h @ p[r + "mlp.c_proj.weight"].T + p[r + "mlp.c_proj.bias"]
     starts = [sum(block_sizes[:s]) for s in range(S)]
