@@ -52,7 +52,7 @@ def pywt_tokens(images, levels: int, grid, color: str = "ycbcr") -> list:
     for s in stages:
         _, cn, h, w = s.shape
         t = s.reshape(B, cn, gh, h // gh, gw, w // gw).transpose(0, 2, 4, 1, 3, 5)
-        out.append(t.reshape(B, gh * gw, -1))
+        out.append(t.reshape(B, gh * gw, cn * (h // gh) * (w // gw)))
     return out
 
 
