@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml requirements.txt
 
-.PHONY: setup run test test-fast lint format bench cuda-check clean
+.PHONY: setup run test test-fast lint format bench cuda-check mutate clean
 
 setup: $(STAMP)
 
@@ -34,5 +34,11 @@ bench: $(STAMP)  ## CPU microbenchmarks and end-to-end figures into bench/result
 cuda-check: $(STAMP)  ## compile (not run) the CUDA sources so a CUDA compile error fails CI
 	bash bench/cuda_compile_check.sh
 
+mutate: $(STAMP)  ## mutation testing ([tool.mutmut] in pyproject.toml) against the fast tests; not part of CI
+	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 PYTHONPATH= .venv/bin/mutmut run --max-children 2
+	.venv/bin/mutmut results
+
 clean:
-	rm -rf build *.egg-info waveclip_kernels/_C*.so outputs
+	rm -rf build *.egg-info waveclip_kernels/_C*.so outputs mutants
