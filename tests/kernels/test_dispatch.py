@@ -1,14 +1,13 @@
 """Dispatch: each impl really runs its backend.
 
-Spies record what ran during one public op call: every function of the compiled extension `_C`
-(impl "cpu"/"cuda"), every Triton kernel launch (the JIT function's `run`, interpreted or compiled),
-and the reference ops. A routing that sends an impl to the reference leaves the spy of its backend
-empty, and the test fails.
+The `ran` fixture (conftest.py) records what ran during one public op call: every function of the
+compiled extension `_C` (impl "cpu"/"cuda"), every Triton kernel launch (the JIT function's `run`,
+interpreted or compiled), and the reference ops. A routing that sends an impl to the reference leaves
+the spy of its backend empty, and the test fails.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -23,53 +22,7 @@ _C = extension.load()
 HAVE_EXTENSION = not isinstance(_C, ImportError)
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 REF = {op: getattr(ref, op) for op in wk.OPS}  # the expected outputs, computed outside the spies
-
-
-class Ran:
-    """What ran, by backend: `ran.extension` (names of `_C` functions), `ran.triton` (kernel names)."""
-
-    def __init__(self):
-        self.extension: list[str] = []
-        self.triton: list[str] = []
-        self.reference: list[str] = []
-
-    def backends(self) -> set[str]:
-        return {name for name in ("extension", "triton", "reference") if getattr(self, name)}
-
-
-def _spy(log: list, name: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        log.append(name)
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@pytest.fixture
-def ran(monkeypatch) -> Ran:
-    record = Ran()
-    if HAVE_EXTENSION:
-        for name in dir(_C):
-            fn = getattr(_C, name)
-            if not name.startswith("_") and callable(fn) and name != "has_cuda":
-                monkeypatch.setattr(_C, name, _spy(record.extension, name, fn))
-    for op in wk.OPS:
-        monkeypatch.setattr(ref, op, _spy(record.reference, op, getattr(ref, op)))
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        return record
-    for cls in (InterpretedFunction, JITFunction):
-        launch = cls.run
-
-        def run(self, *args, _launch=launch, **kwargs):
-            record.triton.append(self.fn.__name__)
-            return _launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "run", run)
-    return record
+BACKEND = {"cpu": "extension", "cuda": "extension", "triton": "triton", "reference": "reference"}
 
 
 def call(op: str, device: str):
@@ -104,9 +57,6 @@ def call(op: str, device: str):
 
 def _runnable(impl: str, device: str) -> list[str]:
     return [op for op, impls in wk.available_impls(device).items() if impl in impls]
-
-
-BACKEND = {"cpu": "extension", "cuda": "extension", "triton": "triton", "reference": "reference"}
 
 
 @pytest.mark.skipif(not HAVE_EXTENSION, reason="the C++ extension is not built")

@@ -85,9 +85,15 @@ def test_tokenize_half_precision_within_its_rounding(impl, case, dtype):
         pytest.skip(f"{impl} does not run here")
     levels, grid, size, batch, color = case
     x = torch.randn(batch, 3, *size).to(dtype)
+    expected = [torch.from_numpy(e) for e in pywt_tokens(x.double().numpy(), levels, grid, color)]
     tokens = wk.wavelet_tokenize(x, levels, grid, color, impl=impl)
-    for t, e in zip(tokens, pywt_tokens(x.double().numpy(), levels, grid, color)):
-        assert_close(t, torch.from_numpy(e), dtype)
+    for t, e in zip(tokens, expected):
+        assert_close(t, e, dtype)
+    # Computed in float32 whatever the input: float32 tokens carry float32 accuracy.
+    for t, e in zip(wk.wavelet_tokenize(x, levels, grid, color, out_dtype=torch.float32, impl=impl), expected):
+        assert_close(t, e, torch.float32)
+    back = wk.wavelet_detokenize(tokens, levels, grid, color, image_size=size, impl=impl)
+    assert back.dtype == dtype and back.shape == x.shape
 
 
 @TRITON
