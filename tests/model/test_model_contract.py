@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,11 @@ def test_from_teacher_scale_thresholds_and_messages(tiny_tower, tiny_teacher):
 def test_margin_over_any_leading_shape():
     assert ZeroShotClassifier.margin(torch.ones(2, 3, 1)).tolist() == [[1.0] * 3] * 2
     torch.testing.assert_close(ZeroShotClassifier.margin(torch.tensor([[0.7, 0.3]])), torch.tensor([0.4]))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_forward_impl_reaches_the_attention(tiny_tower, ran):
+    """forward(impl="triton") runs the Triton attention, not the reference (which "auto" would pick here)."""
+    with torch.no_grad():
+        tiny_tower(torch.float64)(torch.randn(1, 3, 32, 32, dtype=torch.float64), impl="triton")
+    assert ran.triton and "block_causal_attention" not in ran.reference
