@@ -58,10 +58,12 @@ def run(
     thresholds=None,
     impl: str = "auto",
     budget_s: float = 3.0,
+    precision: str | None = None,
 ) -> list[dict]:
-    """Time the gated classifier at each threshold (and the teacher); write gate.csv; return the rows.
+    """Time the gated classifier at each threshold (and the teacher); write gate.csv row by row; return the rows.
 
     `thresholds` default: 0, the QUANTILES of the stage-0 margins on this batch, and 1.01.
+    `precision`: "fp32" or "amp_bf16" (bf16 autocast); default `common.default_precision(device)`.
     """
     device = torch.device(device)
     if quick:
@@ -83,8 +85,22 @@ def run(
     case = f"{preset} B={batch} {common.dtype_name(x.dtype)}"
     impls = {op: wk.resolve_impl(impl, op, device) for op in wk.OPS if op != "wavelet_detokenize"}
     backend = ", ".join(f"{op.split('_')[0]}={name}" for op, name in impls.items())
-    rows, teacher_ms = [], None
+    out_dir = pathlib.Path(out_dir)
+    rows = common.CsvRows(out_dir / "gate.csv", device)
+    precision = precision or common.default_precision(device)
     base = {"bench": "gate", "case": case, "preset": preset, "batch": batch, "dtype": common.dtype_name(x.dtype)}
+    base["precision"] = precision
+    with common.autocast(device, precision):
+        _time_gate(rows, base, model, teacher, config, x, classes, thresholds, backend, device, budget_s)
+    common.plot_cases(
+        out_dir / "gate.png", rows, f"images/s under the gate, {common.device_name(device)}", "images_per_s"
+    )
+    return rows
+
+
+def _time_gate(rows, base, model, teacher, config, x, classes, thresholds, backend, device, budget_s) -> None:
+    """Append the teacher's row (if any) and one row per threshold to `rows`."""
+    batch, teacher_ms = x.shape[0], None
     if teacher is not None:
         with torch.inference_mode():
             timing = common.time_fn(lambda: teacher(x), device, warmup=1, min_reps=5, budget_s=budget_s)
@@ -129,12 +145,6 @@ def run(
         if teacher_ms is not None:
             row["speedup_vs_teacher"] = teacher_ms / timing.ms
         rows.append(row)
-    out_dir = pathlib.Path(out_dir)
-    common.write_csv(out_dir / "gate.csv", rows, device)
-    common.plot_cases(
-        out_dir / "gate.png", rows, f"images/s under the gate, {common.device_name(device)}", "images_per_s"
-    )
-    return rows
 
 
 def main(argv=None) -> None:

@@ -76,10 +76,13 @@ def run(
     impl: str = "auto",
     preset: str = "waveclip-vit-b-16",
     threads: int | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     """Time teacher, full pass and incremental pass; write `model.csv` into `out_dir`; return its rows.
 
     `threads` sets torch's intra-op threads for every contender (default: leave torch's setting).
+    `precision`: "fp32" or "amp_bf16" (bf16 autocast), for every contender; default
+    `common.default_precision(device)` (amp_bf16 on CUDA). Each row names it.
     """
     import open_clip
 
@@ -96,7 +99,8 @@ def run(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     times = {"teacher": [], "full": [], **{s: [] for s in range(config.num_stages)}}  # (wall, CPU) ms per rep
-    with torch.inference_mode():
+    precision = precision or common.default_precision(device)
+    with torch.inference_mode(), common.autocast(device, precision):
         for rep in range(warmup + repeats):
             teacher_t, full_t = _timed(lambda: teacher(x), sync), _timed(lambda: model(x), sync)
             exits = _incremental(model, x, sync)
@@ -107,7 +111,7 @@ def run(
 
     ops = ("wavelet_tokenize", "block_causal_attention", "attention_with_kv_append")
     impls = {op: wk.resolve_impl(impl, op, device) for op in ops}
-    note = f"batch {batch}, {common.dtype_name(x.dtype)}, {repeats} repeats; impls " + ", ".join(
+    note = f"batch {batch}, {precision}, {repeats} repeats; impls " + ", ".join(
         f"{op}={name}" for op, name in impls.items()
     )
 
@@ -120,6 +124,7 @@ def run(
             "ms_min": min(wall),
             "cpu_ms": statistics.median(c for _, c in times[key]),
             "images_per_s": batch * 1e3 / ms,
+            "precision": precision,
             "note": extra,
         }
 
@@ -133,6 +138,7 @@ def run(
         target = TARGETS.get(name)
         met = "" if target is None else ("yes" if ratios[0] <= target else "NO")
         rows.append({"measure": name, "ratio": ratios[0], "cpu_ratio": ratios[1], "target": target, "met": met})
+        rows[-1]["precision"] = precision
     common.write_csv(pathlib.Path(out_dir) / "model.csv", rows, device)
     return rows
 
@@ -146,8 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--impl", default="auto", help="kernel impl of the WaveCLIP tower")
     parser.add_argument("--preset", default="waveclip-vit-b-16")
     parser.add_argument("--threads", type=int, help="torch threads for every contender (default: torch's)")
+    parser.add_argument("--precision", choices=common.PRECISIONS, help="default: amp_bf16 on CUDA, fp32 on the CPU")
     args = parser.parse_args(argv)
-    rows = run(args.out, args.batch, args.repeats, 1, args.device, args.impl, args.preset, args.threads)
+    rows = run(args.out, args.batch, args.repeats, 1, args.device, args.impl, args.preset, args.threads, args.precision)
     env = common.environment(args.device)
     print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, {env['date']}")
     print(common.format_table(rows, COLUMNS))

@@ -34,10 +34,12 @@ class Case:
     levels: int = 3
     grid: int = 7
     color: str = "ycbcr"
+    threads: int | None = None  # CPU: torch threads for this case (None: leave torch's setting)
 
     @property
     def name(self) -> str:
-        return f"B={self.batch} {self.size}px {common.dtype_name(self.dtype)} L={self.levels} grid {self.grid}"
+        name = f"B={self.batch} {self.size}px {common.dtype_name(self.dtype)} L={self.levels} grid {self.grid}"
+        return name + (f" {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
 
     def params(self) -> dict:
         return {
@@ -47,10 +49,11 @@ class Case:
             "levels": self.levels,
             "grid": self.grid,
             "color": self.color,
+            "case_threads": self.threads or torch.get_num_threads(),
         }
 
 
-CPU_CASES = (Case(32, 224),)
+CPU_CASES = (Case(32, 224, threads=1), Case(32, 224, threads=2))
 QUICK_CASES = (Case(2, 64, levels=2, grid=4),)
 GPU_CASES = (Case(256, 224), Case(256, 224, torch.float16), Case(64, 448, grid=14))
 
@@ -106,12 +109,23 @@ def providers(images: torch.Tensor, case: Case, device: torch.device) -> list[di
     return out
 
 
-def run_case(case: Case, device: torch.device, budget_s: float = 1.0) -> list[dict]:
+def run_case(case: Case, device: torch.device, budget_s: float = 1.0, rows=None) -> list[dict]:
+    threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        return _run_case(case, device, budget_s, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_case(case: Case, device: torch.device, budget_s: float, rows) -> list[dict]:
     torch.manual_seed(0)
     images = torch.randn(case.batch, 3, case.size, case.size, device=device, dtype=case.dtype)
     expected = wk.wavelet_tokenize(images.double(), case.levels, case.grid, case.color, impl="reference")
     nbytes = 2 * images.numel() * images.element_size()  # read the image, write as many token elements
-    rows = []
+    rows = [] if rows is None else rows  # a common.CsvRows writes each row as it comes
+    first = len(rows)
     for p in providers(images, case, device):
         row = {"bench": "tokenizer", "case": case.name, "provider": p["provider"], "backend": p["backend"]}
         row |= case.params() | {"status": p.get("status", "ok"), "note": p.get("note", "")}
@@ -132,10 +146,12 @@ def run_case(case: Case, device: torch.device, budget_s: float = 1.0) -> list[di
             except Exception as err:  # a provider that fails is reported, the others still run
                 row |= {"status": "error", "note": common.first_line(err)}
         rows.append(row)
-    copy_gbps = next((r["gbps"] for r in rows if r["provider"] == "copy" and "gbps" in r), None)
-    for r in rows:
+    copy_gbps = next((r["gbps"] for r in rows[first:] if r["provider"] == "copy" and "gbps" in r), None)
+    for r in rows[first:]:
         if copy_gbps and "gbps" in r:
             r["frac_copy"] = r["gbps"] / copy_gbps
+    if isinstance(rows, common.CsvRows):
+        common.write_csv(rows.path, rows, device)
     return rows
 
 
@@ -146,9 +162,10 @@ def run(out_dir=common.DEFAULT_OUT, device="cpu", cases=None, quick: bool = Fals
         budget_s = min(budget_s, 0.05)
     if cases is None:
         cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
-    rows = [r for case in cases for r in run_case(case, device, budget_s)]
     out_dir = pathlib.Path(out_dir)
-    common.write_csv(out_dir / "tokenizer.csv", rows, device)
+    rows = common.CsvRows(out_dir / "tokenizer.csv", device)
+    for case in cases:
+        run_case(case, device, budget_s, rows)
     common.plot_cases(out_dir / "tokenizer.png", rows, f"wavelet tokenizer, {common.device_name(device)}")
     return rows
 

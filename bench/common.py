@@ -9,6 +9,7 @@ up first and size the number of repetitions to a time budget, so slow baselines 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import functools
@@ -210,20 +211,42 @@ def _cell(value) -> object:
     return value
 
 
-def write_csv(path: str | pathlib.Path, rows: list[dict], device: str | torch.device) -> pathlib.Path:
-    """Write `rows` to `path`, each stamped with `environment(device)`; columns: stamp, then row keys."""
+def write_csv(
+    path: str | pathlib.Path, rows: list[dict], device: str | torch.device, env: dict | None = None
+) -> pathlib.Path:
+    """Write `rows` to `path`, each stamped with `environment(device)` (or `env`); columns: stamp, then
+    row keys. The file is replaced whole (written beside it, then renamed), never left half written."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
+    env = environment(device) if env is None else env
     columns = list(ENV_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]
-    with path.open("w", newline="") as f:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({key: _cell(value) for key, value in {**env, **row}.items()})
+    os.replace(partial, path)
     return path
+
+
+class CsvRows(list):
+    """A list of result rows that keeps `path` up to date: every append rewrites the CSV, so a run
+    stopped part way (a timeout) leaves every row finished so far on disk."""
+
+    def __init__(self, path: str | pathlib.Path, device: str | torch.device):
+        super().__init__()
+        self.path, self.device, self._env = pathlib.Path(path), device, environment(device)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        write_csv(self.path, self, self.device, self._env)
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self.append(row)
 
 
 def read_csv(path: str | pathlib.Path) -> list[dict]:
@@ -276,6 +299,24 @@ def plot_cases(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+PRECISIONS = ("fp32", "amp_bf16")  # amp_bf16: torch.autocast to bfloat16, as open_clip's `--precision amp_bf16`
+
+
+def default_precision(device: str | torch.device) -> str:
+    """How the end-to-end benchmarks run a model: bf16 autocast on CUDA (open_clip's `--precision
+    amp`), fp32 on the CPU (no bf16 units on the CPUs these run on)."""
+    return "amp_bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The context a model runs in for `precision` (one of PRECISIONS)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -49,7 +49,7 @@ namespace {
 
 bool check_common(const char* op, int64_t levels, int64_t grid_h, int64_t grid_w, const std::string& color,
                   int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(levels >= 1 && levels <= 30, op, ": levels must be in [1, 30], got ", levels);
+  TORCH_CHECK_VALUE(levels >= 0 && levels <= 30, op, ": levels must be in [0, 30], got ", levels);
   TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1, op, ": grid must be positive, got (", grid_h, ", ", grid_w, ")");
   TORCH_CHECK_VALUE(color == "ycbcr" || color == "rgb", op, ": color must be \"ycbcr\" or \"rgb\", got \"", color,
                     "\"");
@@ -226,14 +226,17 @@ cuda::Dtype cuda_dtype(at::ScalarType t) {
   }
 }
 
-void check_cuda_levels(const char* op, int64_t levels) {
-  TORCH_CHECK_VALUE(levels + 1 <= cuda::kMaxStages, op, ": the CUDA kernels support at most ", cuda::kMaxStages - 1,
-                    " levels, got ", levels);
+void check_cuda_levels(const char* op, const Geometry& g) {
+  TORCH_CHECK_VALUE(g.levels + 1 <= cuda::kMaxStages, op, ": the CUDA kernels support at most ",
+                    cuda::kMaxStages - 1, " levels, got ", g.levels);
+  // In-tile and in-token indices are int32 in the kernels.
+  TORCH_CHECK_VALUE(g.dim(g.levels) < (int64_t(1) << 31), op, ": a token of ", g.dim(g.levels),
+                    " features is too large for the CUDA kernels (at most 2**31 - 1)");
 }
 
 std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Geometry& g, bool ycbcr,
                                               at::ScalarType out_dtype) {
-  check_cuda_levels("wavelet_tokenize", g.levels);
+  check_cuda_levels("wavelet_tokenize", g);
   const c10::cuda::CUDAGuard guard(images.device());
   const at::ScalarType in_type = images.scalar_type();
   // The kernel writes the input dtype or the compute dtype; any other out_dtype is a cast of the latter.
@@ -265,7 +268,7 @@ std::vector<at::Tensor> wavelet_tokenize_cuda(const at::Tensor& images, const Ge
 }
 
 at::Tensor wavelet_detokenize_cuda(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr) {
-  check_cuda_levels("wavelet_detokenize", g.levels);
+  check_cuda_levels("wavelet_detokenize", g);
   const c10::cuda::CUDAGuard guard(tokens[0].device());
   at::Tensor image = at::empty({g.batch, 3, g.height, g.width}, tokens[0].options());
   if (g.batch == 0) return image;
@@ -378,6 +381,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("out_dtype"));
   m.def("wavelet_detokenize", &waveclip::wavelet_detokenize, release(), py::arg("tokens"), py::arg("levels"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("height"), py::arg("width"));
+  m.def(
+      "color_matrix",
+      [](bool ycbcr, bool inverse) {
+        double mm[3][3];
+        waveclip::color_matrix(ycbcr, inverse, mm);
+        std::vector<std::vector<double>> rows(3, std::vector<double>(3));
+        for (int i = 0; i < 3; ++i)
+          for (int k = 0; k < 3; ++k) rows[i][k] = mm[i][k];
+        return rows;
+      },
+      py::arg("ycbcr"), py::arg("inverse"), "The 3x3 colour matrix of the kernels (csrc/waveclip.h), row-major.");
+  m.def(
+      "stage_geometry",
+      [](int64_t levels, int64_t grid_h, int64_t grid_w, int64_t height, int64_t width) {
+        const waveclip::Geometry g(0, height, width, levels, grid_h, grid_w);
+        std::vector<std::vector<int64_t>> stages;  // (channels, patch height, patch width, dim) per stage
+        for (int64_t s = 0; s <= levels; ++s) stages.push_back({g.channels(s), g.patch_h(s), g.patch_w(s), g.dim(s)});
+        return stages;
+      },
+      py::arg("levels"), py::arg("grid_h"), py::arg("grid_w"), py::arg("height"), py::arg("width"),
+      "Every stage's (channels, patch height, patch width, token dim) as the kernels compute them.");
   m.def("attention_with_kv_append", &waveclip::attention_with_kv_append, release(), py::arg("q"), py::arg("k_new"),
         py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("batch_index"),
         py::arg("scale"));

@@ -240,7 +240,13 @@ void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std
         w /= 2;
         stride = w;
       }
-      store(src, dst[0] + cell * row_bytes[0], g.dim(0));
+      if (L > 0) {
+        store(src, dst[0] + cell * row_bytes[0], g.dim(0));
+      } else {  // levels=0: the stage-0 token is the colour-mixed cell itself, one run per (channel, row)
+        for (int64_t c = 0; c < 3; ++c)
+          for (int64_t y = 0; y < ch; ++y)
+            store(src + (c * ch + y) * W, dst[0] + cell * row_bytes[0] + (c * ch + y) * cw * out_size, cw);
+      }
     }
     store_fence();
   });
@@ -280,8 +286,14 @@ void detokenize_typed(const std::vector<at::Tensor>& tokens, const Geometry& g, 
     acc_t* bands = rows + band + 2 * quarter;  // (9, ch/2, cw/2)
     for (int64_t gx = 0; gx < g.grid_w; ++gx) {
       const int64_t cell = gy * g.grid_w + gx;
+      const tok_t* token0 = src[0] + b * sb[0] + cell * sg[0];
+      if (L == 0) {  // levels=0: the stage-0 token is the cell itself, one run per (channel, row)
+        for (int64_t c = 0; c < 3; ++c)
+          for (int64_t y = 0; y < ch; ++y) load_run(token0 + (c * ch + y) * cw * sf[0], sf[0], cw, rows + (c * ch + y) * W + gx * cw);
+        continue;
+      }
       acc_t* approx = ping[L % 2];
-      load_run(src[0] + b * sb[0] + cell * sg[0], sf[0], g.dim(0), approx);
+      load_run(token0, sf[0], g.dim(0), approx);
       int64_t h2 = g.ph0, w2 = g.pw0;
       // Level lv rebuilds the level lv-1 approximation; level 1 writes the cell into the row buffer.
       for (int64_t lv = L; lv >= 1; --lv) {

@@ -34,7 +34,7 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename T>
 constexpr int vec16 = 16 / static_cast<int>(sizeof(T));
 
-// Block -> (batch b, cell, sub-tile row ty, sub-tile column tx).
+// Block -> (batch b, cell, sub-tile row ty, sub-tile column tx): int64, once per block.
 struct TileIndex {
   int64_t b, cell, gy, gx, ty, tx;
   __device__ TileIndex(int64_t id, int64_t grid_h, int64_t grid_w, int64_t tiles_y, int64_t tiles_x) {
@@ -49,16 +49,62 @@ struct TileIndex {
   }
 };
 
+// n / d and n % d for 0 <= n < 2**31 by one multiply-high (Granlund-Montgomery), so that the
+// per-element index split inside a tile costs no integer division. Built once per loop per block.
+struct FastDivmod {
+  uint32_t d, m, shift;
+  __device__ explicit FastDivmod(uint32_t divisor) : d(divisor), shift(0) {
+    while ((1u << shift) < d) ++shift;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  __device__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> shift; }
+  __device__ void divmod(uint32_t n, uint32_t& q, uint32_t& r) const {
+    q = div(n);
+    r = n - q * d;
+  }
+};
+
+// Shared-memory runs of N consecutive acc_t values, moved 16 bytes per access where N allows (8 where
+// it does not): a thread's run is one wide access instead of N scalar ones, so the threads of a warp,
+// whose runs are adjacent, hit distinct banks (at most 2-way for runs of 32 bytes, 4-way for 64).
+// Callers keep runs aligned: their offsets are multiples of N.
+template <typename T, int N>
+__device__ inline void smem_load(const T* __restrict src, T (&v)[N]) {
+  constexpr int C = (N * sizeof(T)) % 16 == 0 ? 16 / sizeof(T) : ((N * sizeof(T)) % 8 == 0 ? 8 / sizeof(T) : 1);
+#pragma unroll
+  for (int k = 0; k < N; k += C) {
+    const Pack<T, C> pk = *reinterpret_cast<const Pack<T, C>*>(src + k);
+#pragma unroll
+    for (int e = 0; e < C; ++e) v[k + e] = pk.v[e];
+  }
+}
+
+template <typename T, int N>
+__device__ inline void smem_store(T* __restrict dst, const T (&v)[N]) {
+  constexpr int C = (N * sizeof(T)) % 16 == 0 ? 16 / sizeof(T) : ((N * sizeof(T)) % 8 == 0 ? 8 / sizeof(T) : 1);
+#pragma unroll
+  for (int k = 0; k < N; k += C) {
+    Pack<T, C> pk;
+#pragma unroll
+    for (int e = 0; e < C; ++e) pk.v[e] = v[k + e];
+    *reinterpret_cast<Pack<T, C>*>(dst + k) = pk;
+  }
+}
+
 // ------------------------------------------------------------------------------ tokenizer
+// In-tile indices are int32 (a tile fits in shared memory, far below 2**31 elements); only the
+// block's global base offsets are int64.
 
 // Reads the sub-tile's pixels (V per access) and writes the colour-mixed tile X (3, Ht, Wt).
 template <int V, typename in_t, typename acc_t>
-__device__ void load_tile(const in_t* __restrict img, const TokenizeParams& p, int64_t Ht, int64_t Wt,
+__device__ void load_tile(const in_t* __restrict img, const TokenizeParams& p, int Ht, int Wt,
                           const acc_t (&m)[3][3], acc_t* __restrict X) {
-  const int64_t groups = Wt / V;
-  for (int64_t it = threadIdx.x; it < Ht * groups; it += blockDim.x) {
-    const int64_t y = it / groups, j0 = (it % groups) * V;
-    const in_t* px = img + y * p.s_h + j0 * p.s_w;
+  const FastDivmod groups(Wt / V);
+  for (int it = threadIdx.x; it < Ht * int(groups.d); it += blockDim.x) {
+    uint32_t y, g;
+    groups.divmod(it, y, g);
+    const int j0 = int(g) * V;
+    const in_t* px = img + int64_t(y) * p.s_h + int64_t(j0) * p.s_w;
     Pack<in_t, V> ch[3];
     for (int c = 0; c < 3; ++c) {
       if constexpr (V > 1) {
@@ -67,46 +113,55 @@ __device__ void load_tile(const in_t* __restrict img, const TokenizeParams& p, i
         ch[c].v[0] = px[c * p.s_c];
       }
     }
-    acc_t* o = X + y * Wt + j0;
+    acc_t o0[V], o1[V], o2[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const acc_t x0 = static_cast<acc_t>(ch[0].v[k]), x1 = static_cast<acc_t>(ch[1].v[k]);
       const acc_t x2 = static_cast<acc_t>(ch[2].v[k]);
       if (p.mix) {
-        o[k] = (m[0][0] * x0 + m[0][1] * x1) + m[0][2] * x2;
-        o[Ht * Wt + k] = (m[1][0] * x0 + m[1][1] * x1) + m[1][2] * x2;
-        o[2 * Ht * Wt + k] = (m[2][0] * x0 + m[2][1] * x1) + m[2][2] * x2;
+        o0[k] = (m[0][0] * x0 + m[0][1] * x1) + m[0][2] * x2;
+        o1[k] = (m[1][0] * x0 + m[1][1] * x1) + m[1][2] * x2;
+        o2[k] = (m[2][0] * x0 + m[2][1] * x1) + m[2][2] * x2;
       } else {
-        o[k] = x0;
-        o[Ht * Wt + k] = x1;
-        o[2 * Ht * Wt + k] = x2;
+        o0[k] = x0;
+        o1[k] = x1;
+        o2[k] = x2;
       }
     }
+    acc_t* o = X + y * Wt + j0;
+    smem_store(o, o0);
+    smem_store(o + Ht * Wt, o1);
+    smem_store(o + 2 * Ht * Wt, o2);
   }
 }
 
 // One analysis level: src (3, 2*h2, 2*w2) -> dst A (3, h2, w2) in shared memory, detail bands
 // straight to the stage's token: band (c, k) at tok + (3c+k)*band_n + i*pw + j, V columns per item.
 template <int V, typename acc_t, typename out_t>
-__device__ void analysis_level(const acc_t* __restrict src, acc_t* __restrict dst, int64_t h2, int64_t w2,
-                               out_t* __restrict tok, int64_t band_n, int64_t pw) {
-  const int64_t groups = w2 / V;
+__device__ void analysis_level(const acc_t* __restrict src, acc_t* __restrict dst, int h2, int w2,
+                               out_t* __restrict tok, int band_n, int pw) {
+  const FastDivmod groups(w2 / V), rows(h2);
   const acc_t half = acc_t(0.5);
-  for (int64_t it = threadIdx.x; it < 3 * h2 * groups; it += blockDim.x) {
-    const int64_t j0 = (it % groups) * V, i = (it / groups) % h2, c = it / (groups * h2);
-    const acc_t* r0 = src + (c * 2 * h2 + 2 * i) * (2 * w2) + 2 * j0;
-    const acc_t* r1 = r0 + 2 * w2;
+  for (int it = threadIdx.x; it < 3 * h2 * int(groups.d); it += blockDim.x) {
+    uint32_t row, g, c, i;
+    groups.divmod(it, row, g);
+    rows.divmod(row, c, i);
+    const int j0 = int(g) * V;
+    acc_t top[2 * V], bottom[2 * V], approx[V];
+    smem_load(src + (c * 2 * h2 + 2 * i) * (2 * w2) + 2 * j0, top);
+    smem_load(src + (c * 2 * h2 + 2 * i + 1) * (2 * w2) + 2 * j0, bottom);
     Pack<out_t, V> hb, vb, db;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t a = r0[2 * k], b = r0[2 * k + 1], cc = r1[2 * k], d = r1[2 * k + 1];
+      const acc_t a = top[2 * k], b = top[2 * k + 1], cc = bottom[2 * k], d = bottom[2 * k + 1];
       const acc_t sum = a + b, dif = a - b;
-      dst[(c * h2 + i) * w2 + j0 + k] = ((sum + cc) + d) * half;
+      approx[k] = ((sum + cc) + d) * half;
       hb.v[k] = static_cast<out_t>(((sum - cc) - d) * half);
       vb.v[k] = static_cast<out_t>(((dif + cc) - d) * half);
       db.v[k] = static_cast<out_t>(((dif - cc) + d) * half);
     }
-    out_t* o = tok + 3 * c * band_n + i * pw + j0;
+    smem_store(dst + (c * h2 + i) * w2 + j0, approx);
+    out_t* o = tok + 3 * int(c) * band_n + int(i) * pw + j0;
     *reinterpret_cast<Pack<out_t, V>*>(o) = hb;
     *reinterpret_cast<Pack<out_t, V>*>(o + band_n) = vb;
     *reinterpret_cast<Pack<out_t, V>*>(o + 2 * band_n) = db;
@@ -115,15 +170,19 @@ __device__ void analysis_level(const acc_t* __restrict src, acc_t* __restrict ds
 
 // Stage 0: A_L (3, th, tw) in shared memory -> token rows at tok + c*band_n + i*pw + j.
 template <int V, typename acc_t, typename out_t>
-__device__ void store_approx(const acc_t* __restrict src, int64_t th, int64_t tw, out_t* __restrict tok,
-                             int64_t band_n, int64_t pw) {
-  const int64_t groups = tw / V;
-  for (int64_t it = threadIdx.x; it < 3 * th * groups; it += blockDim.x) {
-    const int64_t j0 = (it % groups) * V, i = (it / groups) % th, c = it / (groups * th);
+__device__ void store_approx(const acc_t* __restrict src, int th, int tw, out_t* __restrict tok, int band_n, int pw) {
+  const FastDivmod groups(tw / V), rows(th);
+  for (int it = threadIdx.x; it < 3 * th * int(groups.d); it += blockDim.x) {
+    uint32_t row, g, c, i;
+    groups.divmod(it, row, g);
+    rows.divmod(row, c, i);
+    const int j0 = int(g) * V;
+    acc_t v[V];
+    smem_load(src + (c * th + i) * tw + j0, v);
     Pack<out_t, V> a;
 #pragma unroll
-    for (int k = 0; k < V; ++k) a.v[k] = static_cast<out_t>(src[(c * th + i) * tw + j0 + k]);
-    *reinterpret_cast<Pack<out_t, V>*>(tok + c * band_n + i * pw + j0) = a;
+    for (int k = 0; k < V; ++k) a.v[k] = static_cast<out_t>(v[k]);
+    *reinterpret_cast<Pack<out_t, V>*>(tok + int(c) * band_n + int(i) * pw + j0) = a;
   }
 }
 
@@ -134,7 +193,8 @@ __global__ void __launch_bounds__(kThreads) tokenize_kernel(const TokenizeParams
   extern __shared__ __align__(16) unsigned char smem[];
   const int L = p.levels;
   const TileIndex t(blockIdx.x, p.grid_h, p.grid_w, p.ph0 / p.tile_h, p.pw0 / p.tile_w);
-  const int64_t Ht = p.tile_h << L, Wt = p.tile_w << L, G = p.grid_h * p.grid_w;
+  const int Ht = int(p.tile_h) << L, Wt = int(p.tile_w) << L;
+  const int64_t G = p.grid_h * p.grid_w;
   acc_t* X = reinterpret_cast<acc_t*>(smem);  // (3, Ht, Wt), later the even levels' A
   acc_t* P = X + 3 * Ht * Wt;                   // (3, Ht/2, Wt/2): the odd levels' A
   acc_t m[3][3];
@@ -151,9 +211,10 @@ __global__ void __launch_bounds__(kThreads) tokenize_kernel(const TokenizeParams
 
   for (int lv = 1; lv <= L; ++lv) {
     const int s = L - lv + 1;
-    const int64_t h2 = p.tile_h << (L - lv), w2 = p.tile_w << (L - lv);
-    const int64_t ph = p.ph0 << (L - lv), pw = p.pw0 << (L - lv), dim = 9 * ph * pw;
-    out_t* tok = static_cast<out_t*>(p.tokens[s]) + (t.b * G + t.cell) * dim + t.ty * h2 * pw + t.tx * w2;
+    const int h2 = int(p.tile_h) << (L - lv), w2 = int(p.tile_w) << (L - lv);
+    const int ph = int(p.ph0) << (L - lv), pw = int(p.pw0) << (L - lv);
+    out_t* tok = static_cast<out_t*>(p.tokens[s]) + (t.b * G + t.cell) * (9 * int64_t(ph) * pw) +
+                 t.ty * h2 * pw + t.tx * w2;
     const acc_t* src = (lv & 1) ? X : P;
     acc_t* dst = (lv & 1) ? P : X;
     if ((p.vec_store >> s) & 1u)
@@ -168,9 +229,9 @@ __global__ void __launch_bounds__(kThreads) tokenize_kernel(const TokenizeParams
                 t.tx * p.tile_w;
   const acc_t* approx = (L & 1) ? P : X;
   if (p.vec_store & 1u)
-    store_approx<VO>(approx, p.tile_h, p.tile_w, tok0, p.ph0 * p.pw0, p.pw0);
+    store_approx<VO>(approx, int(p.tile_h), int(p.tile_w), tok0, int(p.ph0 * p.pw0), int(p.pw0));
   else
-    store_approx<1>(approx, p.tile_h, p.tile_w, tok0, p.ph0 * p.pw0, p.pw0);
+    store_approx<1>(approx, int(p.tile_h), int(p.tile_w), tok0, int(p.ph0 * p.pw0), int(p.pw0));
 }
 
 // ------------------------------------------------------------------------------ inverse
@@ -189,67 +250,78 @@ __device__ inline void load_features(const tok_t* __restrict src, acc_t (&out)[V
 
 // Stage 0 token part -> A_L (3, th, tw) in shared memory.
 template <int V, typename tok_t, typename acc_t>
-__device__ void load_approx(const tok_t* __restrict tok, int64_t sf, int64_t th, int64_t tw, int64_t band_n,
-                            int64_t pw, acc_t* __restrict dst) {
-  const int64_t groups = tw / V;
-  for (int64_t it = threadIdx.x; it < 3 * th * groups; it += blockDim.x) {
-    const int64_t j0 = (it % groups) * V, i = (it / groups) % th, c = it / (groups * th);
+__device__ void load_approx(const tok_t* __restrict tok, int64_t sf, int th, int tw, int band_n, int pw,
+                            acc_t* __restrict dst) {
+  const FastDivmod groups(tw / V), rows(th);
+  for (int it = threadIdx.x; it < 3 * th * int(groups.d); it += blockDim.x) {
+    uint32_t row, g, c, i;
+    groups.divmod(it, row, g);
+    rows.divmod(row, c, i);
+    const int j0 = int(g) * V;
     acc_t a[V];
-    load_features<V>(tok + (c * band_n + i * pw + j0) * sf, a);
-#pragma unroll
-    for (int k = 0; k < V; ++k) dst[(c * th + i) * tw + j0 + k] = a[k];
+    load_features<V>(tok + int64_t(int(c) * band_n + int(i) * pw + j0) * sf, a);
+    smem_store(dst + (c * th + i) * tw + j0, a);
   }
 }
 
 // One synthesis level: A (3, h2, w2) in shared memory and the stage's bands from the token
 // -> dst (3, 2*h2, 2*w2) in shared memory.
 template <int V, typename tok_t, typename acc_t>
-__device__ void synthesis_level(const acc_t* __restrict src, const tok_t* __restrict tok, int64_t sf, int64_t h2,
-                                int64_t w2, int64_t band_n, int64_t pw, acc_t* __restrict dst) {
-  const int64_t groups = w2 / V;
+__device__ void synthesis_level(const acc_t* __restrict src, const tok_t* __restrict tok, int64_t sf, int h2, int w2,
+                                int band_n, int pw, acc_t* __restrict dst) {
+  const FastDivmod groups(w2 / V), rows(h2);
   const acc_t half = acc_t(0.5);
-  for (int64_t it = threadIdx.x; it < 3 * h2 * groups; it += blockDim.x) {
-    const int64_t j0 = (it % groups) * V, i = (it / groups) % h2, c = it / (groups * h2);
-    const tok_t* f = tok + (3 * c * band_n + i * pw + j0) * sf;
-    acc_t hb[V], vb[V], db[V];
+  for (int it = threadIdx.x; it < 3 * h2 * int(groups.d); it += blockDim.x) {
+    uint32_t row, g, c, i;
+    groups.divmod(it, row, g);
+    rows.divmod(row, c, i);
+    const int j0 = int(g) * V;
+    const tok_t* f = tok + int64_t(3 * int(c) * band_n + int(i) * pw + j0) * sf;
+    acc_t hb[V], vb[V], db[V], a[V], top[2 * V], bottom[2 * V];
     load_features<V>(f, hb);
     load_features<V>(f + band_n * sf, vb);
     load_features<V>(f + 2 * band_n * sf, db);
-    acc_t* o0 = dst + (c * 2 * h2 + 2 * i) * (2 * w2) + 2 * j0;
-    acc_t* o1 = o0 + 2 * w2;
+    smem_load(src + (c * h2 + i) * w2 + j0, a);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t a = src[(c * h2 + i) * w2 + j0 + k];
-      const acc_t sum = a + hb[k], dif = a - hb[k];
-      o0[2 * k] = ((sum + vb[k]) + db[k]) * half;
-      o0[2 * k + 1] = ((sum - vb[k]) - db[k]) * half;
-      o1[2 * k] = ((dif + vb[k]) - db[k]) * half;
-      o1[2 * k + 1] = ((dif - vb[k]) + db[k]) * half;
+      const acc_t sum = a[k] + hb[k], dif = a[k] - hb[k];
+      top[2 * k] = ((sum + vb[k]) + db[k]) * half;
+      top[2 * k + 1] = ((sum - vb[k]) - db[k]) * half;
+      bottom[2 * k] = ((dif + vb[k]) - db[k]) * half;
+      bottom[2 * k + 1] = ((dif - vb[k]) + db[k]) * half;
     }
+    acc_t* o0 = dst + (c * 2 * h2 + 2 * i) * (2 * w2) + 2 * j0;
+    smem_store(o0, top);
+    smem_store(o0 + 2 * w2, bottom);
   }
 }
 
 // X (3, Ht, Wt) in shared memory -> inverse colour -> image rows (V pixels per store).
 template <int V, typename tok_t, typename acc_t>
-__device__ void store_tile(const acc_t* __restrict X, int64_t Ht, int64_t Wt, const acc_t (&m)[3][3], bool mix,
+__device__ void store_tile(const acc_t* __restrict X, int Ht, int Wt, const acc_t (&m)[3][3], bool mix,
                            tok_t* __restrict img, int64_t W, int64_t plane) {
-  const int64_t groups = Wt / V;
-  for (int64_t it = threadIdx.x; it < Ht * groups; it += blockDim.x) {
-    const int64_t y = it / groups, j0 = (it % groups) * V;
+  const FastDivmod groups(Wt / V);
+  for (int it = threadIdx.x; it < Ht * int(groups.d); it += blockDim.x) {
+    uint32_t y, g;
+    groups.divmod(it, y, g);
+    const int j0 = int(g) * V;
+    acc_t x0[V], x1[V], x2[V];
+    smem_load(X + y * Wt + j0, x0);
+    smem_load(X + Ht * Wt + y * Wt + j0, x1);
+    smem_load(X + 2 * Ht * Wt + y * Wt + j0, x2);
     Pack<tok_t, V> out[3];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t* x = X + y * Wt + j0 + k;
-      const acc_t x0 = x[0], x1 = x[Ht * Wt], x2 = x[2 * Ht * Wt];
       if (mix) {
-        for (int c = 0; c < 3; ++c) out[c].v[k] = static_cast<tok_t>((m[c][0] * x0 + m[c][1] * x1) + m[c][2] * x2);
+        for (int c = 0; c < 3; ++c)
+          out[c].v[k] = static_cast<tok_t>((m[c][0] * x0[k] + m[c][1] * x1[k]) + m[c][2] * x2[k]);
       } else {
-        out[0].v[k] = static_cast<tok_t>(x0);
-        out[1].v[k] = static_cast<tok_t>(x1);
-        out[2].v[k] = static_cast<tok_t>(x2);
+        out[0].v[k] = static_cast<tok_t>(x0[k]);
+        out[1].v[k] = static_cast<tok_t>(x1[k]);
+        out[2].v[k] = static_cast<tok_t>(x2[k]);
       }
     }
-    for (int c = 0; c < 3; ++c) *reinterpret_cast<Pack<tok_t, V>*>(img + c * plane + y * W + j0) = out[c];
+    for (int c = 0; c < 3; ++c) *reinterpret_cast<Pack<tok_t, V>*>(img + c * plane + int64_t(y) * W + j0) = out[c];
   }
 }
 
@@ -260,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) detokenize_kernel(const DetokenizePa
   extern __shared__ __align__(16) unsigned char smem[];
   const int L = p.levels;
   const TileIndex t(blockIdx.x, p.grid_h, p.grid_w, p.ph0 / p.tile_h, p.pw0 / p.tile_w);
-  const int64_t Ht = p.tile_h << L, Wt = p.tile_w << L;
+  const int Ht = int(p.tile_h) << L, Wt = int(p.tile_w) << L;
   acc_t* X = reinterpret_cast<acc_t*>(smem);  // (3, Ht, Wt): levels with lv-1 even write here
   acc_t* P = X + 3 * Ht * Wt;                   // (3, Ht/2, Wt/2): the others
   acc_t m[3][3];
@@ -271,16 +343,17 @@ __global__ void __launch_bounds__(kThreads) detokenize_kernel(const DetokenizePa
   {
     const tok_t* tok = static_cast<const tok_t*>(p.tokens[0]) + t.b * p.s_b[0] + t.cell * p.s_g[0] +
                        (t.ty * p.tile_h * p.pw0 + t.tx * p.tile_w) * p.s_f[0];
+    const int th = int(p.tile_h), tw = int(p.tile_w), band_n = int(p.ph0 * p.pw0), pw = int(p.pw0);
     if (p.vec_load & 1u)
-      load_approx<V>(tok, p.s_f[0], p.tile_h, p.tile_w, p.ph0 * p.pw0, p.pw0, approx);
+      load_approx<V>(tok, p.s_f[0], th, tw, band_n, pw, approx);
     else
-      load_approx<1>(tok, p.s_f[0], p.tile_h, p.tile_w, p.ph0 * p.pw0, p.pw0, approx);
+      load_approx<1>(tok, p.s_f[0], th, tw, band_n, pw, approx);
   }
   __syncthreads();
   for (int lv = L; lv >= 1; --lv) {
     const int s = L - lv + 1;
-    const int64_t h2 = p.tile_h << (L - lv), w2 = p.tile_w << (L - lv);
-    const int64_t ph = p.ph0 << (L - lv), pw = p.pw0 << (L - lv);
+    const int h2 = int(p.tile_h) << (L - lv), w2 = int(p.tile_w) << (L - lv);
+    const int ph = int(p.ph0) << (L - lv), pw = int(p.pw0) << (L - lv);
     const tok_t* tok = static_cast<const tok_t*>(p.tokens[s]) + t.b * p.s_b[s] + t.cell * p.s_g[s] +
                        (t.ty * h2 * pw + t.tx * w2) * p.s_f[s];
     acc_t* next = ((lv - 1) & 1) ? P : X;

@@ -12,6 +12,10 @@
 
 namespace waveclip {
 
+// The op contracts of waveclip_kernels/common.py, mirrored for the kernels: the colour matrix and the
+// stage geometry. tests/kernels/test_tokenizer_backends.py checks, through the `color_matrix` and
+// `stage_geometry` bindings, that the two agree.
+
 // BT.601 luma/chroma matrix without offsets (rows give Y, Cb, Cr from R, G, B).
 constexpr double kYCbCrFromRGB[3][3] = {
     {0.299, 0.587, 0.114},

@@ -1,8 +1,10 @@
 """State of an incremental (coarse-to-fine) WaveCLIP inference: the per-layer KV cache and who is still running.
 
 `WaveCLIP.start` creates an `InferenceState`; every `WaveCLIP.refine` appends one stage block's keys and
-values to the cache in place. Samples that exit drop out of `active`; their cache rows stay where they
-are (the attention op maps active query rows to cache rows through `batch_index`).
+values to the cache in place. The stage tokens may all be known from the start (tokenized images) or
+arrive one stage at a time with `refine(state, tokens=...)`. Samples that exit drop out of `active`;
+their cache rows stay where they are (the attention op maps active query rows to cache rows through
+`batch_index`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from torch import Tensor
 
 @dataclass
 class InferenceState:
-    tokens: list[Tensor]  # stage tokens of the whole batch, coarse to fine: (B, Gh*Gw, dim_s)
+    tokens: list[Tensor]  # the stage tokens known so far, coarse to fine: (B, Gh*Gw, dim_s) each
+    num_stages: int  # stages this input can reach (tokens may arrive stage by stage up to this many)
     keys: Tensor  # (layers, B, heads, N_total, head_dim): every layer's K cache, filled stage by stage
     values: Tensor  # (layers, B, heads, N_total, head_dim): every layer's V cache
     cache_lens: Tensor  # (B,) int64: filled length of each cache row
     active: Tensor  # (n,) int64, increasing: batch rows (= cache rows) that ran the latest stage
     stage: int  # the latest stage run (by the rows in `active`); -1 before the first
     last_stage: Tensor  # (B,) int64: the last stage each sample ran; -1 before the first
-    embeddings: Tensor  # (B, L+1, embed_dim) exit embeddings; NaN where a sample did not run that stage
+    embeddings: Tensor  # (B, num_stages, embed_dim) exit embeddings; NaN where a sample did not run that stage
     impl: str  # kernel impl the ops are called with
 
     @classmethod
     def allocate(
         cls,
         tokens: list[Tensor],
+        num_stages: int,
         layers: int,
         heads: int,
         seq_len: int,
@@ -40,25 +44,24 @@ class InferenceState:
         """Empty caches for every stage of a batch; nothing has run yet."""
         B, dtype, device = tokens[0].shape[0], tokens[0].dtype, tokens[0].device
         shape = (layers, B, heads, seq_len, head_dim)
+        # Under autocast the QKV projection yields the autocast dtype: the caches hold what it yields.
+        kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
         return cls(
             tokens=tokens,
-            keys=torch.empty(shape, dtype=dtype, device=device),
-            values=torch.empty(shape, dtype=dtype, device=device),
+            num_stages=num_stages,
+            keys=torch.empty(shape, dtype=kv_dtype, device=device),
+            values=torch.empty(shape, dtype=kv_dtype, device=device),
             cache_lens=torch.zeros(B, dtype=torch.int64, device=device),
             active=torch.arange(B, device=device),
             stage=-1,
             last_stage=torch.full((B,), -1, dtype=torch.int64, device=device),
-            embeddings=torch.full((B, len(tokens), embed_dim), float("nan"), dtype=dtype, device=device),
+            embeddings=torch.full((B, num_stages, embed_dim), float("nan"), dtype=dtype, device=device),
             impl=impl,
         )
 
     @property
     def batch_size(self) -> int:
         return self.tokens[0].shape[0]
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.tokens)
 
     @property
     def done(self) -> bool:

@@ -82,16 +82,26 @@ class StageCost:
         return self.embed + self.linears + self.attention + self.layernorm + self.head
 
 
-def stage_costs(config: WaveCLIPConfig, layernorm: bool = True, tokenizer: bool = True) -> list[StageCost]:
-    """Per-stage FLOPs of one image; the cumulative sums are the exit costs."""
+def stage_costs(
+    config: WaveCLIPConfig, layernorm: bool = True, tokenizer: bool = True, image_size: Sequence[int] | None = None
+) -> list[StageCost]:
+    """Per-stage FLOPs of one image; the cumulative sums are the exit costs.
+
+    An image of `config.image_size / 2**k` runs the first L+1-k stages and is tokenized with L-k levels
+    (the 2**k rescale of its tokens, one multiply per token feature, is not counted, like residual adds).
+    One of `config.image_size * 2**j` is box-averaged first: one FLOP per input element, charged to
+    stage 0 with the tokenizer.
+    """
+    size = tuple(config.image_size if image_size is None else image_size)
+    stages = config.num_stages_for(size)
     width, hidden, layers = config.width, int(config.width * config.mlp_ratio), config.layers
     ln = 2 * LAYERNORM_MACS_PER_ELEMENT if layernorm else 0
     costs, prefix = [], 0
-    for s, (dim, n) in enumerate(zip(config.stage_dims(), config.block_sizes)):
+    for s, (dim, n) in enumerate(zip(config.stage_dims()[:stages], config.block_sizes)):
         prefix += n
         embed = 2 * config.tokens_per_stage * dim * width
         if s == 0 and tokenizer:
-            embed += tokenizer_flops(config.image_size, config.levels, config.color)
+            embed += _input_flops(config, size, stages)
         costs.append(
             StageCost(
                 stage=s,
@@ -107,19 +117,35 @@ def stage_costs(config: WaveCLIPConfig, layernorm: bool = True, tokenizer: bool 
     return costs
 
 
-def exit_gflops(config: WaveCLIPConfig, layernorm: bool = True, tokenizer: bool = True) -> list[float]:
-    """Cumulative GFLOPs of one image answered at each exit, coarse to fine.
+def _input_flops(config: WaveCLIPConfig, size: tuple[int, int], stages: int) -> int:
+    """Tokenizer FLOPs for one image of `size` (plus its box average when it is larger than the tower's)."""
+    pool = 0
+    if size[0] > config.image_size[0]:
+        pool = 3 * size[0] * size[1]
+        size = config.image_size
+    return pool + tokenizer_flops(size, stages - 1, config.color)
+
+
+def exit_gflops(
+    config: WaveCLIPConfig,
+    image_size: Sequence[int] | None = None,
+    layernorm: bool = True,
+    tokenizer: bool = True,
+) -> list[float]:
+    """Cumulative GFLOPs of one image answered at each exit it reaches, coarse to fine.
 
     Exit s includes stages 0..s and the exit heads 0..s (the gate reads every exit it passes).
 
     Args:
         config: the tower.
+        image_size: the input's (H, W) (default: the config's): `config.image_size / 2**k` reaches
+            L+1-k exits (see `stage_costs`).
         layernorm: count LayerNorm as fvcore does (5 multiply-adds per element); False gives
             open_clip's published convention.
         tokenizer: count the colour transform and Haar DWT (charged to stage 0).
     """
     out, total = [], 0
-    for cost in stage_costs(config, layernorm, tokenizer):
+    for cost in stage_costs(config, layernorm, tokenizer, image_size):
         total += cost.total
         out.append(total / 1e9)
     return out
@@ -340,7 +366,7 @@ def fvcore_exit_gflops(model, images: torch.Tensor | None = None) -> list[float]
     out, total = [], 0.0
     total += count_gflops(_Call(start, model), (images,))
     out.append(total / batch)
-    for _ in range(cfg.num_stages - 1):
+    for _ in range(state["s"].num_stages - 1):
         lens = state["s"].cache_lens.tolist()  # before the step: refine advances them in place
         total += count_gflops(_Call(lambda: model.refine(state["s"]), model), (), lens)
         out.append(total / batch)
@@ -361,16 +387,19 @@ def teacher_gflops(model_name: str = "ViT-B-16", image_size: int = 224) -> float
         return count_gflops(visual, (torch.randn(1, 3, image_size, image_size),))
 
 
-def exit_table(config: WaveCLIPConfig, teacher_gflops_value: float | None = None) -> list[dict]:
+def exit_table(
+    config: WaveCLIPConfig, teacher_gflops_value: float | None = None, image_size: Sequence[int] | None = None
+) -> list[dict]:
     """Rows for the per-exit table: tokens, GFLOPs (with / without LayerNorm) and % of the teacher.
 
     The percentage compares like with like: both counted with LayerNorm, against `teacher_gflops_value`
-    when given (a fvcore figure), else the analytic teacher of the same trunk.
+    when given (a fvcore figure), else the analytic teacher of the same trunk, at the config's size.
+    `image_size` gives the rows of a smaller (or larger) input (see `stage_costs`).
     """
     teacher = teacher_gflops_value or teacher_gflops_analytic(config)
-    with_ln, without_ln = exit_gflops(config), exit_gflops(config, layernorm=False)
+    with_ln, without_ln = exit_gflops(config, image_size), exit_gflops(config, image_size, layernorm=False)
     rows, tokens = [], 0
-    for s, n in enumerate(config.block_sizes):
+    for s, n in enumerate(config.block_sizes[: len(with_ln)]):
         tokens += n
         rows.append(
             {

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_thresholds
 from .flops import exit_gflops
 from .model import WaveCLIP
 
@@ -51,7 +52,7 @@ class Prediction:
     name: str | None  # its class name, when names are known
     probs: Tensor  # (C,) softmax probabilities at the exit stage
     exit_stage: int  # the stage that answered
-    gflops: float  # GFLOPs spent on this sample: every stage up to its exit (`flops.exit_gflops`)
+    gflops: float  # GFLOPs spent on this sample: every stage up to its exit (`flops.exit_gflops` at its size)
 
 
 class ZeroShotClassifier:
@@ -85,17 +86,14 @@ class ZeroShotClassifier:
             )
         if class_names is not None and len(class_names) != class_embeddings.shape[0]:
             raise ValueError(f"{len(class_names)} class names for {class_embeddings.shape[0]} class embeddings")
-        thresholds = tuple(model.config.thresholds if thresholds is None else thresholds)
-        if len(thresholds) != model.config.levels:
-            raise ValueError(
-                f"thresholds needs one value per non-final stage ({model.config.levels}), got {thresholds}"
-            )
+        thresholds = model.config.thresholds if thresholds is None else thresholds
+        thresholds = check_thresholds(thresholds, model.config.levels)
         self.model = model
         self.class_embeddings = F.normalize(class_embeddings.detach().to(model.proj), dim=-1)
         self.class_names = list(class_names) if class_names is not None else None
         self.logit_scale = float(logit_scale)
         self.thresholds = thresholds
-        self.exit_gflops = exit_gflops(model.config)  # cumulative GFLOPs per image at each exit
+        self.exit_gflops = exit_gflops(model.config)  # cumulative GFLOPs per image at each exit, full size
 
     @classmethod
     def from_teacher(
@@ -130,14 +128,17 @@ class ZeroShotClassifier:
         """Classify a batch, each sample leaving at the first stage confident enough.
 
         Args:
-            images: (B, 3, H, W) CLIP-preprocessed images of the model's image size.
+            images: (B, 3, H, W) CLIP-preprocessed images of any size the model takes
+                (`WaveCLIP.num_stages_for`); a smaller image has fewer stages, and its last one answers.
             impl: kernel impl override.
 
         Returns:
             B predictions in batch order.
         """
-        B, last = images.shape[0], self.model.config.levels
+        B = images.shape[0]
         state = self.model.start(images, impl)
+        last = state.num_stages - 1
+        gflops = exit_gflops(self.model.config, tuple(images.shape[-2:]))
         answers: list[Prediction | None] = [None] * B
         while True:
             probs = self.probabilities(state.latest())
@@ -150,7 +151,7 @@ class ZeroShotClassifier:
                 if leaves:
                     label = int(p.argmax())
                     name = self.class_names[label] if self.class_names is not None else None
-                    answers[row] = Prediction(label, name, p.clone(), s, self.exit_gflops[s])
+                    answers[row] = Prediction(label, name, p.clone(), s, gflops[s])
             if bool(exits.all()):
                 return answers
             self.model.refine(state, active=state.active[~exits])

@@ -1,6 +1,6 @@
 """The main job: WaveCLIP's tokenizer (and model) on real photographs.
 
-    python -m waveclip_cli.demo --out outputs
+    waveclip demo --out outputs      (or python -m waveclip_cli.demo --out outputs)
 
 Tokenizes scikit-image's sample photographs, prints each stage's token shapes and the
 reconstruction error, and saves a PNG of the images rebuilt coarse to fine. Then classifies the
@@ -14,57 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import torch
 
 import waveclip_kernels as wk
 from waveclip.config import PRESETS
 from waveclip.flops import teacher_gflops_analytic
-from waveclip.images import denormalize, preprocess, sample_images
+from waveclip.images import preprocess, sample_images
 from waveclip.interop import load_teacher
 from waveclip.model import WaveCLIP
 from waveclip.zeroshot import ZeroShotClassifier
+
+from .visualize import progressive_reconstructions, save_reconstruction_grid
 
 LABELS = (
     "astronaut", "cup of coffee", "cat", "rocket", "dog", "car",
     "horse", "airplane", "bird", "flower", "teapot", "clock",
 )  # fmt: skip
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
-
-
-def progressive_reconstructions(tokens: list[torch.Tensor], levels: int, grid, image_size, color="ycbcr"):
-    """Images rebuilt from stage 0, stages 0-1, ..., all stages (later stages zeroed)."""
-    out = []
-    for keep in range(levels + 1):
-        partial = [t if s <= keep else torch.zeros_like(t) for s, t in enumerate(tokens)]
-        out.append(wk.wavelet_detokenize(partial, levels, grid, color=color, image_size=image_size))
-    return out
-
-
-def save_reconstruction_grid(path, names, originals, reconstructions) -> None:
-    """One row per image: original, then coarse-to-fine reconstructions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 1 + len(reconstructions)
-    fig, axes = plt.subplots(len(names), cols, figsize=(2.4 * cols, 2.5 * len(names)), squeeze=False)
-    titles = ["original"] + [f"stages 0-{k}" if k else "stage 0" for k in range(len(reconstructions))]
-    for row, name in enumerate(names):
-        panels = [originals[row]] + [r[row] for r in reconstructions]
-        for col, img in enumerate(panels):
-            ax = axes[row][col]
-            ax.imshow(denormalize(img[None].float())[0].permute(1, 2, 0).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(titles[col], fontsize=9)
-            if col == 0:
-                ax.set_ylabel(name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def tokenizer_demo(out_dir: pathlib.Path, levels: int = 3, grid: int = 7, size: int = 224) -> None:
@@ -93,6 +61,7 @@ def classification_demo(
     import open_clip
 
     preset = PRESETS["waveclip-vit-b-16"]
+    torch.manual_seed(0)  # random teacher weights: the same on every run
     teacher = load_teacher(preset.teacher, teacher_weights)
     source = f"weights from {teacher_weights}" if teacher_weights else "RANDOM weights"
     print(f"\nZero-shot classification: student initialised from open_clip {preset.teacher} with {source}")
@@ -134,8 +103,7 @@ def classification_demo(
     print(f"  saved {path}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="outputs", help="folder for reconstructions.png and zeroshot.json (default: outputs)"
     )
@@ -150,16 +118,18 @@ def main(argv=None) -> None:
         help="margin threshold per non-final stage (default: preset)",
     )
     parser.add_argument("--impl", default="auto", help="kernel impl for the student (default: auto)")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_demo(out_dir)
     thresholds = tuple(args.thresholds) if args.thresholds else None
-    try:
-        classification_demo(out_dir, args.teacher_weights, thresholds, args.impl)
-    except (FileNotFoundError, RuntimeError, ValueError) as err:
-        parser.error(str(err))
+    classification_demo(out_dir, args.teacher_weights, thresholds, args.impl)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from .main import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

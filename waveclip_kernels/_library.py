@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .common import stage_dims
+from .common import color_matrix, compute_dtype, stage_dims
 
 
 def backend(impl: str):
@@ -53,6 +53,55 @@ def wavelet_detokenize(
 @wavelet_detokenize.register_fake
 def _(tokens, levels, grid, color, image_size, impl):
     return tokens[0].new_empty(tokens[0].shape[0], 3, *image_size)
+
+
+# The tokenizer is linear: tokens = P W (M x), with M the per-pixel colour matrix, W the orthonormal
+# Haar analysis (W^T W = I) and P the patch layout (a permutation). Its adjoint is M^T W^T P^T, i.e.
+# the rgb detokenizer (W^T P^T) followed by M^T per pixel. The detokenizer is M^-1 W^T P^T, whose
+# adjoint P W M^-T is the rgb tokenizer after M^-T per pixel. The backward runs these through the
+# same ops and backend, so it is differentiable again (double backward) and as fast as the forward.
+def _mix(x: Tensor, color: str, inverse: bool) -> Tensor:
+    """x (B, 3, H, W) -> M^T x per pixel (M^-T with `inverse`), computed in x's compute dtype."""
+    if color == "rgb":
+        return x
+    m = color_matrix(color, compute_dtype(x.dtype), x.device, inverse)
+    return torch.einsum("co,bchw->bohw", m, x.to(m.dtype)).to(x.dtype)
+
+
+def _tokenize_setup_context(ctx, inputs, output):
+    images, levels, grid, color, _, impl = inputs
+    ctx.args = (levels, grid, color, list(images.shape[-2:]), impl)
+    ctx.images_dtype = images.dtype
+
+
+def _tokenize_backward(ctx, grads):
+    levels, grid, color, size, impl = ctx.args
+    like = next(g for g in grads if g is not None)
+    dtype = torch.promote_types(ctx.images_dtype, like.dtype)  # 16-bit tokens of fp32 images: fp32 grads
+    B, n = like.shape[:2]
+    dims = stage_dims(levels, tuple(grid), tuple(size))
+    grads = [like.new_zeros(B, n, d, dtype=dtype) if g is None else g.to(dtype) for g, d in zip(grads, dims)]
+    pixels = wavelet_detokenize(grads, levels, grid, "rgb", size, impl)
+    return _mix(pixels, color, inverse=False).to(ctx.images_dtype), None, None, None, None, None
+
+
+wavelet_tokenize.register_autograd(_tokenize_backward, setup_context=_tokenize_setup_context)
+
+
+def _detokenize_setup_context(ctx, inputs, output):
+    tokens, levels, grid, color, _, impl = inputs
+    ctx.args = (levels, grid, color, impl)
+    ctx.tokens_dtype = tokens[0].dtype
+
+
+def _detokenize_backward(ctx, grad):
+    levels, grid, color, impl = ctx.args
+    grad = _mix(grad.to(ctx.tokens_dtype), color, inverse=True)
+    tokens = wavelet_tokenize(grad, levels, grid, "rgb", ctx.tokens_dtype, impl)
+    return list(tokens), None, None, None, None, None
+
+
+wavelet_detokenize.register_autograd(_detokenize_backward, setup_context=_detokenize_setup_context)
 
 
 @torch.library.custom_op("waveclip::block_causal_attention", mutates_args=())

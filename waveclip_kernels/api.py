@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _library
-from .common import FLOAT_DTYPES, image_size_error, normalize_grid, stage_dims
+from .common import FLOAT_DTYPES, image_size_error, normalize_grid, normalize_image_size, normalize_levels, stage_dims
 
 IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 OPS = ("wavelet_tokenize", "wavelet_detokenize", "block_causal_attention", "attention_with_kv_append")
@@ -110,11 +110,6 @@ def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
-def _check_levels(levels) -> None:
-    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
-
-
 def _check_color(color) -> None:
     if color not in ("ycbcr", "rgb"):
         raise ValueError(f'color must be "ycbcr" or "rgb", got {color!r}')
@@ -136,7 +131,7 @@ def wavelet_tokenize(images, levels: int, grid, color: str = "ycbcr", out_dtype=
     Args:
         images: (B, 3, H, W) float tensor, CLIP-preprocessed; H divisible by 2**levels * Gh,
             W by 2**levels * Gw.
-        levels: number of wavelet levels L >= 1.
+        levels: number of wavelet levels L >= 0 (0: one stage, the colour-mixed image on the grid).
         grid: token grid, an int or (Gh, Gw).
         color: "ycbcr" (BT.601, no offsets) or "rgb".
         out_dtype: dtype of the tokens (default: the images' dtype).
@@ -148,7 +143,7 @@ def wavelet_tokenize(images, levels: int, grid, color: str = "ycbcr", out_dtype=
     _check_tensor("images", images, 4)
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 channels (B, 3, H, W), got shape {tuple(images.shape)}")
-    _check_levels(levels)
+    levels = normalize_levels(levels)
     grid = normalize_grid(grid)
     _check_color(color)
     check_image_size(tuple(images.shape[-2:]), levels, grid)
@@ -165,13 +160,14 @@ def wavelet_detokenize(tokens, levels: int, grid, color: str = "ycbcr", image_si
     Args:
         tokens: sequence of L+1 tensors (B, Gh*Gw, dim_s), coarse to fine, one dtype and device.
         levels, grid, color: as given to `wavelet_tokenize`.
-        image_size: (H, W); default: inferred from stage 0 assuming square patches.
+        image_size: (H, W), or an int for a square image. Required: the token shapes fix the area of
+            a grid cell, not its aspect (16 x 64 and 32 x 32 images give the same shapes).
         impl: "auto", "triton", "cuda", "cpu" or "reference".
 
     Returns:
         (B, 3, H, W) images in the tokens' dtype.
     """
-    _check_levels(levels)
+    levels = normalize_levels(levels)
     grid = normalize_grid(grid)
     _check_color(color)
     if not isinstance(tokens, Sequence) or len(tokens) != levels + 1:
@@ -180,9 +176,11 @@ def wavelet_detokenize(tokens, levels: int, grid, color: str = "ycbcr", image_si
         _check_tensor(f"tokens[{s}]", t, 3)
         _same(f"tokens[{s}]", t, "tokens[0]", tokens[0])
     if image_size is None:
-        side = math.isqrt(tokens[0].shape[-1] // 3)
-        image_size = (side * grid[0] << levels, side * grid[1] << levels)
-    image_size = tuple(int(s) for s in image_size)
+        raise ValueError(
+            "image_size is required: the token shapes fix the area of a grid cell but not its aspect; "
+            "pass image_size=(H, W) as given to wavelet_tokenize"
+        )
+    image_size = normalize_image_size(image_size)
     check_image_size(image_size, levels, grid)
     dims = stage_dims(levels, grid, image_size)
     B = tokens[0].shape[0]

@@ -36,21 +36,46 @@ def color_matrix(color: str, dtype: torch.dtype = torch.float64, device=None, in
     return m.to(dtype=dtype, device=device)
 
 
+def _is_int(x) -> bool:
+    """A Python or numpy integer, never a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def normalize_levels(levels) -> int:
+    """An int >= 0 (numpy ints too, never bools) -> int. levels=0 is one stage: the colour-mixed
+    image cut on the grid."""
+    if not _is_int(levels) or levels < 0:
+        raise ValueError(f"levels must be an int >= 0, got {levels!r}")
+    return int(levels)
+
+
 def normalize_grid(grid) -> tuple[int, int]:
     """An int or an (Gh, Gw) pair of positive ints (numpy ints too, never bools) -> (Gh, Gw)."""
     if isinstance(grid, numbers.Integral) or not hasattr(grid, "__iter__"):
         grid = (grid, grid)
     pair = tuple(grid)
-    if len(pair) != 2 or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in pair):
+    if len(pair) != 2 or not all(_is_int(g) and g > 0 for g in pair):
         raise ValueError(f"grid must be a positive int or a pair of positive ints, got {grid!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def normalize_image_size(image_size) -> tuple[int, int]:
+    """An int (a square image) or an (H, W) pair of positive ints (numpy ints too, never bools) -> (H, W)."""
+    pair = (image_size, image_size) if _is_int(image_size) else image_size
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(s) and s > 0 for s in pair):
+        raise ValueError(f"image_size must be a positive int or an (H, W) pair of positive ints, got {image_size!r}")
     return int(pair[0]), int(pair[1])
 
 
 def stage_shapes(levels: int, image_size: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(channels, band height, band width) of every stage, coarse to fine.
 
-    Stage 0 is the approximation A_L (3 channels); stage s >= 1 holds the H, V, D bands of level
-    L-s+1 as 9 channels (index c*3 + band).
+    Stage 0 is the approximation A_L (3 channels; with levels=0 the colour-mixed image itself);
+    stage s >= 1 holds the H, V, D bands of level L-s+1 as 9 channels (index c*3 + band).
     """
     H, W = image_size
     return [(3, H >> levels, W >> levels)] + [(9, H >> lv, W >> lv) for lv in range(levels, 0, -1)]

@@ -1,14 +1,16 @@
 """Calibrate the margin gate: the cheapest per-stage thresholds that keep accuracy (or agreement) on target.
 
-    waveclip calibrate --checkpoint runs/student --data held_out/ --labels-from-folders --max-drop 1.0
-    waveclip calibrate --checkpoint runs/student --data held_out/ --prototypes-from labelled/ --min-agreement 99
+    run_calibration(CalibrateOptions(checkpoint="runs/student", data=["held_out/"], labels_from_folders=True,
+                                     prototypes_from=["labelled/"], max_drop=1.0))
 
 Inputs: every exit's embedding on a held-out set (computed with the checkpoint, or loaded from a .pt/.npz
 file), class embeddings (text embeddings from the teacher's text tower, a file, or class-mean
 prototypes), and the cumulative GFLOPs of each exit. Targets:
 
 - with labels: accuracy at most `max_drop` points below the last exit's accuracy;
-- without labels: agreement with the last exit's prediction of at least `min_agreement` percent.
+- without labels (or when asked): agreement with the last exit's prediction of at least `min_agreement` percent.
+
+`CalibrateOptions` takes one of the two; `target_of` says which applies to the data at hand.
 
 The search. A sample exits at the first stage s < L whose margin (top-1 minus top-2 softmax probability)
 is >= tau_s. On a given set the gate's behaviour at stage s depends only on which observed stage-s margins
@@ -26,12 +28,10 @@ recomputed margins cannot flip a sample sitting exactly on it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import pathlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,9 +43,15 @@ from torch import Tensor
 from waveclip.config import WaveCLIPConfig
 from waveclip.flops import exit_gflops
 
+from .data import ImageDataset, build_dataset
+from .options import CalibrateOptions
+from .teacher import class_embeddings, load_teacher_model
+
 NEVER = 1.01  # a threshold above any margin: nobody exits at that stage
 MAX_COMBINATIONS = 1 << 20  # candidate combinations the search may enumerate
 CHUNK_ELEMENTS = 1 << 24  # elements per vectorised block of the last gate's sums
+DEFAULT_MAX_DROP = 1.0  # accuracy points, with labels
+DEFAULT_MIN_AGREEMENT = 99.0  # percent, without labels
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -191,8 +197,8 @@ def calibrate(
     margins: Tensor,
     exit_cost: Sequence[float],
     labels: Tensor | None = None,
-    max_drop: float = 1.0,
-    min_agreement: float = 99.0,
+    max_drop: float = DEFAULT_MAX_DROP,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
     max_candidates: int = 64,
 ) -> Calibration:
     """The cheapest thresholds that meet the target, the cost-metric frontier and every single exit.
@@ -363,163 +369,176 @@ def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Te
     return F.normalize(sums, dim=-1)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ---------------------------------------------------------------------------------------------- run
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `waveclip calibrate`."""
-    from .data import add_data_arguments
+@dataclass
+class Inputs:
+    """What the search needs besides the costs: exit embeddings, classes and (maybe) labels."""
 
-    parser.add_argument("--checkpoint", required=True, help="WaveCLIP checkpoint folder; its config.json is updated")
-    add_data_arguments(parser, required=False)
-    parser.add_argument("--embeddings", help="saved exit embeddings (.pt or .npz) instead of --data")
-    parser.add_argument("--save-embeddings", help="also save the computed embeddings (.pt) for later runs")
-    cls = parser.add_argument_group("classes (one of)")
-    cls.add_argument("--class-names", help="comma-separated class names, embedded with the teacher's text tower")
-    cls.add_argument("--class-embeddings", help=".pt/.npz with (K, D) 'class_embeddings' (and 'class_names')")
-    cls.add_argument(
-        "--prototypes-from",
-        action="append",
-        metavar="SOURCE",
-        help="labelled images (class = sub-folder; their train split when --split holdout): classes are the "
-        "mean last-exit embedding per class",
+    embeddings: Tensor  # (N, S, D) exit embeddings
+    class_embeddings: Tensor | None  # (K, D)
+    class_names: list[str] | None
+    labels: Tensor | None  # (N,) int64, or None
+    logit_scale: float | None  # None: the default
+
+
+def target_of(options: CalibrateOptions, labels: Tensor | None) -> tuple[Tensor | None, float, float]:
+    """The labels the search uses (None: agreement with the last exit) and (max_drop, min_agreement).
+
+    `min_agreement` (or `no_labels`) asks for agreement even when labels are known; `max_drop` needs labels.
+    """
+    if options.max_drop is not None and labels is None:
+        raise ValueError(
+            "max_drop (--max-drop) is an accuracy target, but these images have no labels: "
+            "use min_agreement (--min-agreement), or give labelled data"
+        )
+    if options.no_labels or options.min_agreement is not None:
+        labels = None
+    max_drop = DEFAULT_MAX_DROP if options.max_drop is None else options.max_drop
+    min_agreement = DEFAULT_MIN_AGREEMENT if options.min_agreement is None else options.min_agreement
+    return labels, max_drop, min_agreement
+
+
+def prepare_save_path(path: str) -> pathlib.Path:
+    """The file --save-embeddings writes, its folder created now so that a bad path fails before the compute."""
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise ValueError(f"save_embeddings {path} is a folder: name a file, e.g. {target / 'embeddings.pt'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the folder of save_embeddings {path}: {err}") from err
+    return target
+
+
+def _load_inputs(path: str) -> Inputs:
+    saved = load_tensors(path)
+    if not isinstance(saved.get("embeddings"), Tensor) or saved["embeddings"].dim() != 3:
+        raise ValueError(f"{path}: expected an (N, stages, D) tensor under 'embeddings'")
+    return Inputs(
+        saved["embeddings"].float(), saved.get("class_embeddings"), saved.get("class_names"), saved.get("labels"), None
     )
-    parser.add_argument("--teacher", help="open_clip model name or config .json for --class-names (text tower)")
-    parser.add_argument("--teacher-weights", help="its local weights (default: random, said so)")
-    parser.add_argument("--logit-scale", type=float, help="softmax scale of the gate (default: teacher's, else 100)")
-    tgt = parser.add_argument_group("target")
-    tgt.add_argument(
-        "--max-drop", type=float, default=1.0, help="with labels: accuracy points allowed below the last exit"
-    )
-    tgt.add_argument(
-        "--min-agreement", type=float, default=99.0, help="without labels: percent agreement with the last exit"
-    )
-    tgt.add_argument("--no-labels", action="store_true", help="calibrate on agreement even when labels are known")
-    parser.add_argument("--max-candidates", type=int, default=64, help="candidate thresholds per stage (default 64)")
-    parser.add_argument("--out", default=".", help="folder for the CSV and PNG (default: .)")
-    parser.add_argument("--name", default="calibration", help="file name of the CSV and PNG (default: calibration)")
-    parser.add_argument("--dry-run", action="store_true", help="do not write the thresholds into the checkpoint")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--impl", default="auto", help="kernel implementation of the model (default: auto)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`waveclip calibrate`: returns the exit code."""
+def _held_out(options: CalibrateOptions, config: WaveCLIPConfig) -> ImageDataset:
+    return build_dataset(
+        options.data,
+        config.image_size,
+        options.split,
+        options.holdout_fraction,
+        options.labels_from_folders,
+        options.skip_unreadable,
+    )
+
+
+def _prototypes(options: CalibrateOptions, config: WaveCLIPConfig, student, inputs: Inputs) -> None:
+    """Class embeddings from labelled images: the mean last-exit embedding per class."""
+    # With the holdout split calibrating, the prototypes come from the train split: no held-out image is used.
+    split = "train" if options.split == "holdout" else "all"
+    proto = build_dataset(
+        options.prototypes_from, config.image_size, split, options.holdout_fraction, labels_from_folders=True
+    )
+    if proto.labels is None:
+        raise ValueError("prototypes_from (--prototypes-from) needs labelled images (class = first sub-folder)")
+    if inputs.class_names is not None and inputs.class_names != proto.class_names:
+        raise ValueError(f"held-out classes {inputs.class_names} differ from prototype classes {proto.class_names}")
+    emb = compute_embeddings(student(), proto, options.batch_size, options.num_workers, options.device)
+    inputs.class_embeddings = class_prototypes(emb[:, -1], proto.labels, len(proto.class_names))
+    inputs.class_names = proto.class_names
+    print(f"class prototypes: mean last-exit embedding per class over {len(proto)} labelled images")
+
+
+def _text_classes(options: CalibrateOptions, config: WaveCLIPConfig, inputs: Inputs) -> None:
+    """Class embeddings from the class names through the teacher's text tower."""
+    names = list(options.class_names)
+    if inputs.class_names is not None and names != inputs.class_names:
+        raise ValueError(f"class_names {names} differ from the data's classes {inputs.class_names}")
+    teacher, teacher_name = load_teacher_model(options.teacher or config.teacher, options.teacher_weights)
+    if options.teacher_weights is None:
+        print("note: the teacher's text tower has RANDOM weights (no teacher weights given)")
+    inputs.class_embeddings, inputs.class_names = class_embeddings(teacher, teacher_name, names), names
+    inputs.logit_scale = inputs.logit_scale or teacher.logit_scale.exp().item()
+
+
+def gather_inputs(options: CalibrateOptions, config: WaveCLIPConfig) -> tuple[Inputs, Tensor | None, float, float]:
+    """Exit embeddings (computed or loaded), classes and the target: everything is checked, and the
+    --save-embeddings folder made, before the checkpoint runs on any image.
+
+    Returns:
+        The inputs, and `target_of`'s labels, max_drop and min_agreement.
+    """
     from waveclip.model import WaveCLIP
 
-    from .data import DataError, build_dataset
-
-    if bool(args.data) == bool(args.embeddings):
-        print("error: give exactly one of --data and --embeddings", file=sys.stderr)
-        return 2
-    chosen = [args.class_names is not None, args.class_embeddings is not None, args.prototypes_from is not None]
-    if sum(chosen) > 1:
-        print("error: give at most one of --class-names, --class-embeddings, --prototypes-from", file=sys.stderr)
-        return 2
-    config = WaveCLIPConfig.from_dict(json.loads((pathlib.Path(args.checkpoint) / "config.json").read_text()))
-    model = None
+    model, save_path = None, None
 
     def student():
         nonlocal model
         if model is None:
-            model = WaveCLIP.from_pretrained(args.checkpoint, impl=args.impl, device=args.device)
+            model = WaveCLIP.from_pretrained(options.checkpoint, impl=options.impl, device=options.device)
         return model
 
-    try:
-        labels, class_names, class_emb = None, None, None
-        if args.embeddings:
-            saved = load_tensors(args.embeddings)
-            if not isinstance(saved.get("embeddings"), Tensor) or saved["embeddings"].dim() != 3:
-                raise ValueError(f"{args.embeddings}: expected an (N, stages, D) tensor under 'embeddings'")
-            embeddings = saved["embeddings"].float()
-            labels, class_names = saved.get("labels"), saved.get("class_names")
-            class_emb = saved.get("class_embeddings")
-        else:
-            dataset = build_dataset(
-                args.data,
-                config.image_size,
-                args.split,
-                args.holdout_fraction,
-                args.labels_from_folders,
-                args.skip_unreadable,
-            )
-            embeddings = compute_embeddings(student(), dataset, args.batch_size, args.num_workers, args.device)
-            labels, class_names = dataset.labels, dataset.class_names
-            print(f"computed exit embeddings of {len(dataset)} held-out images: {tuple(embeddings.shape)}")
-        scale = args.logit_scale
-        if args.class_embeddings:
-            saved = load_tensors(args.class_embeddings)
-            if "class_embeddings" not in saved:
-                raise ValueError(f"{args.class_embeddings}: no (K, D) tensor under 'class_embeddings'")
-            class_emb, class_names = saved["class_embeddings"].float(), saved.get("class_names") or class_names
-        elif args.prototypes_from:
-            # With --split holdout the prototypes come from the train split, so no held-out image is used.
-            proto_split = "train" if args.split == "holdout" else "all"
-            proto = build_dataset(
-                args.prototypes_from, config.image_size, proto_split, args.holdout_fraction, labels_from_folders=True
-            )
-            if proto.labels is None:
-                raise ValueError("--prototypes-from needs labelled images (class = first sub-folder)")
-            proto_emb = compute_embeddings(student(), proto, args.batch_size, args.num_workers, args.device)
-            class_emb = class_prototypes(proto_emb[:, -1], proto.labels, len(proto.class_names))
-            if class_names is not None and class_names != proto.class_names:
-                raise ValueError(f"held-out classes {class_names} differ from prototype classes {proto.class_names}")
-            class_names = proto.class_names
-            print(f"class prototypes: mean last-exit embedding per class over {len(proto)} labelled images")
-        elif args.class_names:
-            import open_clip
+    if options.embeddings:
+        inputs = _load_inputs(options.embeddings)
+        labels, max_drop, min_agreement = target_of(options, inputs.labels)
+    else:
+        dataset = _held_out(options, config)
+        labels, max_drop, min_agreement = target_of(options, dataset.labels)
+        save_path = prepare_save_path(options.save_embeddings) if options.save_embeddings else None
+        embeddings = compute_embeddings(student(), dataset, options.batch_size, options.num_workers, options.device)
+        print(f"computed exit embeddings of {len(dataset)} held-out images: {tuple(embeddings.shape)}")
+        inputs = Inputs(embeddings, None, dataset.class_names, dataset.labels, None)
+    inputs.logit_scale = options.logit_scale
+    if options.class_embeddings:
+        saved = load_tensors(options.class_embeddings)
+        if "class_embeddings" not in saved:
+            raise ValueError(f"{options.class_embeddings}: no (K, D) tensor under 'class_embeddings'")
+        inputs.class_embeddings = saved["class_embeddings"].float()
+        inputs.class_names = saved.get("class_names") or inputs.class_names
+    elif options.prototypes_from:
+        _prototypes(options, config, student, inputs)
+    elif options.class_names:
+        _text_classes(options, config, inputs)
+    if inputs.class_embeddings is None:
+        raise ValueError("no classes: give class_names, class_embeddings or prototypes_from")
+    if save_path is not None:
+        saved = {
+            "embeddings": inputs.embeddings,
+            "class_embeddings": inputs.class_embeddings,
+            "labels": inputs.labels,
+            "class_names": inputs.class_names,
+        }
+        torch.save({k: v for k, v in saved.items() if v is not None}, save_path)
+    return inputs, labels, max_drop, min_agreement
 
-            from waveclip.zeroshot import class_text_embeddings
 
-            from .distill import load_teacher_model
+def run_calibration(options: CalibrateOptions) -> Calibration:
+    """Calibrate a checkpoint's gate: the CSV and PNG of the cost-metric curve into `options.out`, and
+    (unless `dry_run`) the operating point's thresholds into the checkpoint's config.json.
 
-            names = [n.strip() for n in args.class_names.split(",") if n.strip()]
-            if class_names is not None and names != class_names:
-                raise ValueError(f"--class-names {names} differ from the data's classes {class_names}")
-            teacher, teacher_name = load_teacher_model(args.teacher or config.teacher, args.teacher_weights)
-            if args.teacher_weights is None:
-                print("note: the teacher's text tower has RANDOM weights (no --teacher-weights given)")
-            tokenizer = open_clip.get_tokenizer(teacher_name)
-            class_emb, class_names = class_text_embeddings(teacher, tokenizer, names), names
-            scale = scale or teacher.logit_scale.exp().item()
-        if class_emb is None:
-            raise ValueError("no classes: give --class-names, --class-embeddings or --prototypes-from")
-        if args.no_labels:
-            labels = None
-        preds, margins = exit_scores(embeddings, class_emb, scale or 100.0)
-        result = calibrate(
-            preds,
-            margins,
-            exit_gflops(config),
-            labels,
-            args.max_drop,
-            args.min_agreement,
-            args.max_candidates,
-        )
-        if args.save_embeddings and args.data:
-            saved = {
-                "embeddings": embeddings,
-                "class_embeddings": class_emb,
-                "labels": labels,
-                "class_names": class_names,
-            }
-            torch.save({k: v for k, v in saved.items() if v is not None}, args.save_embeddings)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    out = pathlib.Path(args.out)
+    Raises:
+        DataError: bad held-out or prototype images.
+        ValueError: inputs that do not fit together, or a target no thresholds reach.
+        FileNotFoundError: a missing checkpoint or file.
+    """
+    config_path = pathlib.Path(options.checkpoint) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{options.checkpoint} is not a WaveCLIP checkpoint: config.json is missing")
+    config = WaveCLIPConfig.from_dict(json.loads(config_path.read_text()))
+    inputs, labels, max_drop, min_agreement = gather_inputs(options, config)
+    preds, margins = exit_scores(inputs.embeddings, inputs.class_embeddings, inputs.logit_scale or 100.0)
+    result = calibrate(preds, margins, exit_gflops(config), labels, max_drop, min_agreement, options.max_candidates)
+    out = pathlib.Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / f"{args.name}.csv", out / f"{args.name}.png"
+    csv_path, png_path = out / f"{options.name}.csv", out / f"{options.name}.png"
     write_csv(result, csv_path)
     plot(result, png_path)
     report(result)
-    if not args.dry_run:
-        write_thresholds(args.checkpoint, result.operating_point.thresholds)
-        print(f"wrote thresholds into {pathlib.Path(args.checkpoint) / 'config.json'}")
+    if not options.dry_run:
+        write_thresholds(options.checkpoint, result.operating_point.thresholds)
+        print(f"wrote thresholds into {config_path}")
     print(f"wrote {csv_path} and {png_path}")
-    return 0
+    return result
 
 
 def report(result: Calibration) -> None:
@@ -537,13 +556,3 @@ def report(result: Calibration) -> None:
     )
     if not result.exhaustive:
         print("  (optimum over a grid of candidate thresholds; raise --max-candidates for the exact one)")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="waveclip calibrate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

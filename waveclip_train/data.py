@@ -21,7 +21,6 @@ does not depend on the order of the files or on where the package is installed.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import pathlib
@@ -242,32 +241,3 @@ def build_dataset(
                 raise DataError(f"the {split} split (holdout fraction {holdout_fraction}) of {source} is empty")
         records += drop_unreadable(found, skip_unreadable, str(source))
     return ImageDataset(records, image_size, class_names)
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The data options `waveclip distill` and `waveclip calibrate` share."""
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        action="append",
-        required=required,
-        metavar="SOURCE",
-        help="image folder, list file (path[TAB label] per line), builtin:textiles or builtin:skimage; repeatable",
-    )
-    g.add_argument("--split", choices=SPLITS, default="all", help="which part of the sources to use (default: all)")
-    g.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=0.2,
-        help="share of each source in the holdout split, chosen by a hash of the file name (default: 0.2)",
-    )
-    g.add_argument(
-        "--labels-from-folders",
-        action="store_true",
-        help="take each image's class from its first sub-folder under the source",
-    )
-    g.add_argument(
-        "--skip-unreadable",
-        action="store_true",
-        help="leave out images that cannot be decoded, with one warning (default: stop with an error)",
-    )

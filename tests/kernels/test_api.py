@@ -41,7 +41,9 @@ def test_auto_picks_an_available_impl():
         (torch.randn(1, 3, 33, 32), {}, ValueError, "nearest valid heights: 32 or 40"),
         (torch.randn(1, 3, 32, 30), {}, ValueError, "nearest valid widths: 24 or 32"),
         (torch.randn(1, 3, 4, 32), {}, ValueError, "nearest valid heights: 8$"),
-        (torch.randn(1, 3, 32, 32), {"levels": 0}, ValueError, "levels must be"),
+        (torch.randn(1, 3, 32, 32), {"levels": -1}, ValueError, "levels must be an int >= 0"),
+        (torch.randn(1, 3, 32, 32), {"levels": True}, ValueError, "levels must be an int >= 0"),
+        (torch.randn(1, 3, 32, 32), {"levels": 1.0}, ValueError, "levels must be an int >= 0"),
         (torch.randn(1, 3, 32, 32), {"grid": (2, 0)}, ValueError, "grid must be"),
         (torch.randn(1, 3, 32, 32), {"color": "hsv"}, ValueError, "color must be"),
         (torch.randn(1, 3, 32, 32), {"out_dtype": torch.int8}, TypeError, "out_dtype"),
@@ -58,7 +60,7 @@ def test_detokenize_bad_input():
     with pytest.raises(ValueError, match="levels \\+ 1 = 4"):
         wk.wavelet_detokenize(tokens, 3, 2, impl="reference")
     with pytest.raises(ValueError, match="tokens\\[1\\] must have shape"):
-        wk.wavelet_detokenize([tokens[0], tokens[2], tokens[1]], 2, 2, impl="reference")
+        wk.wavelet_detokenize([tokens[0], tokens[2], tokens[1]], 2, 2, image_size=16, impl="reference")
     with pytest.raises(TypeError, match="tokens\\[2\\] has dtype"):
         wk.wavelet_detokenize([tokens[0], tokens[1], tokens[2].double()], 2, 2, impl="reference")
 
@@ -172,7 +174,7 @@ def test_reference_runs_without_triton_or_extension():
         import waveclip_kernels as wk
         x = torch.randn(1, 3, 16, 16)
         t = wk.wavelet_tokenize(x, 2, 2)
-        assert torch.allclose(wk.wavelet_detokenize(t, 2, 2), x, atol=1e-5)
+        assert torch.allclose(wk.wavelet_detokenize(t, 2, 2, image_size=16), x, atol=1e-5)
         q = torch.randn(1, 2, 5, 4)
         wk.block_causal_attention(q, q, q, [2, 3])
         cache = torch.zeros(1, 2, 8, 4)

@@ -238,7 +238,7 @@ def _tok_args(**change):
         ({"images": torch.randn(1, 3, 16, 16, device="meta")}, ValueError, "images must be a CPU or CUDA tensor"),
         ({"images": torch.randn(1, 3, 12, 16)}, ValueError, "image height 12 must be a positive multiple"),
         ({"images": torch.randn(1, 3, 16, 20)}, ValueError, "image width 20 must be a positive multiple"),
-        ({"levels": 0}, ValueError, "levels must be in"),
+        ({"levels": -1}, ValueError, "levels must be in"),
         ({"levels": 64}, ValueError, "levels must be in"),
         ({"grid_w": 0}, ValueError, "grid must be positive"),
         ({"color": "hsv"}, ValueError, 'color must be "ycbcr" or "rgb"'),

@@ -6,8 +6,11 @@ import torch
 from helpers import pywt_tokens
 
 import waveclip_kernels as wk
+from waveclip_kernels.common import YCBCR_FROM_RGB
 
 CASES = [  # (levels, grid, (H, W))
+    (0, (1, 1), (3, 5)),
+    (0, (2, 3), (6, 9)),
     (1, (1, 1), (2, 2)),
     (1, (3, 5), (6, 20)),
     (2, (7, 7), (56, 56)),
@@ -56,10 +59,19 @@ def test_haar_on_one_block():
     assert d[0, 0].tolist() == [-2.0, -1.0, 0.0] * 3  # channel-major (H, V, D) per channel
 
 
-def test_detokenize_infers_square_size():
+def test_levels_zero_is_the_colour_mixed_image_on_the_grid():
+    """levels=0: one stage, the colour transform and the patch layout alone."""
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    (tokens,) = wk.wavelet_tokenize(x, 0, (2, 3), impl="reference")
+    y = torch.einsum("oc,bchw->bohw", torch.tensor(YCBCR_FROM_RGB, dtype=torch.float64), x)
+    # grid cell (1, 2) covers rows 2-3, columns 4-5; features are (channel, py, px)
+    torch.testing.assert_close(tokens[:, 5], y[:, :, 2:4, 4:6].reshape(2, 12), rtol=0, atol=1e-15)
+
+
+def test_detokenize_int_image_size_means_square():
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     tokens = wk.wavelet_tokenize(x, 2, 4, impl="reference")
-    torch.testing.assert_close(wk.wavelet_detokenize(tokens, 2, 4, impl="reference"), x)
+    torch.testing.assert_close(wk.wavelet_detokenize(tokens, 2, 4, image_size=32, impl="reference"), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

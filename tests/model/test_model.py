@@ -64,6 +64,21 @@ def test_incremental_equals_full_pass(dtype, tol, batch, tiny_tower):
     assert rel_err(state.embeddings, full) <= tol
 
 
+def test_incremental_pass_runs_under_autocast(tiny_tower):
+    """Under bf16 autocast (the command line's amp) the caches take the dtype the QKV projection yields,
+    and the exits of start + refine agree with the autocast full pass to bf16 accuracy."""
+    model = tiny_tower(torch.float32)
+    x = images(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+        state = model.start(x)
+        while not state.done:
+            model.refine(state)
+    assert state.keys.dtype == state.values.dtype == torch.bfloat16
+    assert state.embeddings.dtype == torch.float32
+    assert rel_err(state.embeddings, full.float()) <= 3e-2
+
+
 def test_incremental_with_a_non_square_grid(tiny_tower):
     model = tiny_tower(torch.float64, image_size=(24, 48), grid=(3, 2), levels=3, thresholds=(0.5, 0.5, 0.5))
     x = images(2, torch.float64, model.config)
@@ -117,12 +132,18 @@ def test_refine_rejects_bad_active_sets_before_writing(tiny_tower):
         model.refine(state)
 
 
-def test_nobody_active_advances_without_compute(tiny_tower):
+def test_everyone_exiting_stops_the_state_where_it_is(tiny_tower):
+    """refine(active=[]) exits everyone without running or advancing; a later refine is an error."""
     model = tiny_tower()
     state = model.start(images(2))
+    keys = state.keys.clone()
     z = model.refine(state, active=[])
-    assert z.shape == (0, TINY.embed_dim) and state.stage == 1 and state.done
-    assert state.cache_lens.tolist() == [5, 5]
+    assert tuple(z.shape) == (0, TINY.embed_dim) and state.stage == 0 and state.done
+    assert state.cache_lens.tolist() == [5, 5] and state.last_stage.tolist() == [0, 0]
+    assert same_bits(state.keys, keys) and state.embeddings[:, 1:].isnan().all()
+    with pytest.raises(ValueError, match="every sample has exited"):
+        model.refine(state)
+    assert state.stage == 0 and state.cache_lens.tolist() == [5, 5]
 
 
 @pytest.mark.parametrize("s", [0, 1])
@@ -163,18 +184,36 @@ def test_impl_is_passed_through_to_the_ops(tiny_tower):
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
         with pytest.raises(RuntimeError, match='impl="cuda" cannot run'):
             model(x, impl="cuda")
-    with pytest.raises(RuntimeError, match='impl="cuda" cannot run'):
-        WaveCLIP(TINY, impl="cuda").start(x)
     with pytest.raises(ValueError, match="impl must be one of"):
         WaveCLIP(TINY, impl="fast")
 
 
-@pytest.mark.parametrize("size", [(30, 32), (32, 40), (64, 64)])
+def test_constructor_accepts_only_impls_that_run_every_op(monkeypatch, tiny_tower):
+    """An explicit impl is refused at construction unless `available_impls` lists it for every op."""
+    for impl in ("cpu", "cuda", "triton", "reference"):
+        runs = wk.available_impls("cuda" if impl == "cuda" else "cpu")
+        if all(impl in runs[op] for op in ("wavelet_tokenize", "block_causal_attention", "attention_with_kv_append")):
+            model = tiny_tower()
+            model.impl = impl
+            state = model.start(images(1))  # every method runs
+            model.refine(state)
+            WaveCLIP(TINY, impl=impl)
+        else:
+            with pytest.raises(RuntimeError, match=f'impl="{impl}" cannot run every op'):
+                WaveCLIP(TINY, impl=impl)
+    # The check reads available_impls: once an op no longer lists an impl, the constructor refuses it.
+    real = wk.available_impls
+    monkeypatch.setattr(wk, "available_impls", lambda d="cpu": {**real(d), "attention_with_kv_append": ["reference"]})
+    with pytest.raises(RuntimeError, match=r"attention_with_kv_append runs with \['reference'\]"):
+        WaveCLIP(TINY, impl="cpu")
+
+
+@pytest.mark.parametrize("size", [(30, 32), (32, 40), (24, 24), (16, 32), (96, 96), (64, 32)])
 def test_image_size_that_does_not_fit_raises(size, tiny_tower):
     model = tiny_tower()
-    with pytest.raises(ValueError, match=r"takes \(32, 32\)"):
+    with pytest.raises(ValueError, match="takes 32x32, 16x16, 8x8"):
         model(torch.randn(1, 3, *size))
-    with pytest.raises(ValueError, match=r"takes \(32, 32\)"):
+    with pytest.raises(ValueError, match="takes 32x32, 16x16, 8x8"):
         model.start(torch.randn(1, 3, *size))
 
 
@@ -185,9 +224,11 @@ def test_bad_inputs_raise_clearly(tiny_tower):
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.randn(3, 32, 32))
     tokens = model.tokenize(images(1))
-    with pytest.raises(ValueError, match="expected 3 stage token tensors"):
-        model.forward_tokens(tokens[:2])
-    with pytest.raises(ValueError, match=r"tokens\[1\] must have shape"):
+    with pytest.raises(ValueError, match="expected 1 to 3 stage token tensors"):
+        model.forward_tokens([])
+    with pytest.raises(ValueError, match="expected 1 to 3 stage token tensors"):
+        model.forward_tokens([*tokens, tokens[2]])
+    with pytest.raises(ValueError, match=r"tokens\[1\] must be a float tensor of shape"):
         model.forward_tokens([tokens[0], tokens[2], tokens[2]])
 
 

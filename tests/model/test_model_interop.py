@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import waveclip_kernels as wk
-from waveclip import WaveCLIP, WaveCLIPConfig, load_teacher
-from waveclip.interop import _cached_hf_checkpoint, stage_projection_init, trunk_config
+from waveclip import TINY_TEACHER, WaveCLIP, WaveCLIPConfig, load_paired_teacher, load_teacher
+from waveclip.initialization import stage_projection_init, text_tower_sha256, trunk_config
+from waveclip.interop import _cached_hf_checkpoint
+
+pytest.importorskip("open_clip")
 
 TINY = WaveCLIPConfig.from_preset("waveclip-tiny")
 
@@ -101,6 +105,10 @@ def test_trunk_config_reads_the_teacher(tiny_teacher):
 def test_from_open_clip_rejects_a_mismatched_config(tiny_teacher):
     with pytest.raises(ValueError, match="width: config 64 vs teacher 32"):
         WaveCLIP.from_open_clip(tiny_teacher(), dataclasses.replace(TINY, width=64))
+    with pytest.raises(ValueError, match="teacher_patch_size: config 16 vs teacher 8"):
+        WaveCLIP.from_open_clip(tiny_teacher(), dataclasses.replace(TINY, teacher_patch_size=16))
+    with pytest.raises(ValueError, match="cannot tell which open_clip model this teacher is"):
+        WaveCLIP.from_open_clip(tiny_teacher())  # not from load_teacher, and no config that names it
     with pytest.raises(ValueError, match="quick_gelu"):
         WaveCLIP.from_open_clip(tiny_teacher(quick_gelu=False), TINY)
     with pytest.raises(TypeError, match="open_clip"):
@@ -128,6 +136,57 @@ def test_load_missing_checkpoint_raises(tmp_path):
         WaveCLIP.from_pretrained(tmp_path)
 
 
+def test_broken_checkpoints_raise_value_errors_naming_the_file(tmp_path):
+    WaveCLIP(TINY).save_pretrained(tmp_path)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        WaveCLIP.from_pretrained(tmp_path)
+    weights.write_bytes(good)
+    fields = json.loads(config.read_text())
+    config.write_text(json.dumps(fields | {"colour": "rgb"}))
+    with pytest.raises(ValueError, match=f"{config}: not a valid WaveCLIP config: unknown .*'colour'"):
+        WaveCLIP.from_pretrained(tmp_path)
+    config.write_text(json.dumps(fields | {"heads": 0}))
+    with pytest.raises(ValueError, match=f"{config}: .*heads must be a positive int"):
+        WaveCLIP.from_pretrained(tmp_path)
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{config}: not a valid WaveCLIP config"):
+        WaveCLIP.from_pretrained(tmp_path)
+    config.write_text(json.dumps(fields | {"width": 64}))
+    with pytest.raises(ValueError, match=f"{weights} does not fit its config.json"):
+        WaveCLIP.from_pretrained(tmp_path)
+
+
+def test_from_open_clip_records_the_real_teacher():
+    """A ViT-B-32 teacher is recorded as ViT-B-32 (it was once recorded as the preset's ViT-B-16)."""
+    teacher = load_teacher("ViT-B-32")
+    student = WaveCLIP.from_open_clip(teacher)
+    cfg = student.config
+    assert (cfg.teacher, cfg.teacher_config, cfg.teacher_weights) == ("ViT-B-32", None, None)
+    assert cfg.teacher_patch_size == 32
+    assert len(cfg.teacher_text_sha256) == 64
+
+
+def test_a_custom_teacher_is_rebuilt_from_its_record(tmp_path):
+    """A teacher given as an open_clip config (dict or .json) is recorded with its config, and rebuilt
+    with the same text tower in a later load (random weights are drawn under a fixed seed)."""
+    path = tmp_path / "teacher-tiny.json"
+    path.write_text(json.dumps(TINY_TEACHER))
+    for spec, name in ((TINY_TEACHER, "custom"), (path, "teacher-tiny")):
+        student = WaveCLIP.from_open_clip(load_teacher(spec), TINY)
+        assert (student.config.teacher, student.config.teacher_config) == (name, TINY_TEACHER)
+        student.save_pretrained(tmp_path / name)
+        config = WaveCLIP.from_pretrained(tmp_path / name).config
+        again = load_paired_teacher(config)
+        assert text_tower_sha256(again) == config.teacher_text_sha256 is not None
+    with pytest.raises(ValueError, match="names no teacher"):
+        load_paired_teacher(TINY)
+    with pytest.raises(ValueError, match="is not the one this student was paired with"):
+        load_paired_teacher(dataclasses.replace(config, teacher_text_sha256="0" * 64))
+
+
 def test_load_teacher_fails_clearly_without_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a pretrained tag"):
         load_teacher("ViT-B-16", tmp_path / "missing.pt")
@@ -148,4 +207,5 @@ def test_load_teacher_from_a_local_checkpoint(tmp_path):
     for (name, a), b in zip(teacher.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     student = WaveCLIP.from_open_clip(loaded)
-    assert student.config == WaveCLIPConfig.from_preset("waveclip-vit-b-16")
+    record = dict(teacher_weights=str(path), teacher_text_sha256=text_tower_sha256(teacher))
+    assert student.config == WaveCLIPConfig.from_preset("waveclip-vit-b-16", **record)

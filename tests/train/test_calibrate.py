@@ -12,15 +12,8 @@ from PIL import Image
 
 from waveclip import WaveCLIP, WaveCLIPConfig, ZeroShotClassifier
 from waveclip.flops import exit_gflops
-from waveclip_train.calibrate import (
-    NEVER,
-    add_arguments,
-    calibrate,
-    class_prototypes,
-    exit_scores,
-    gate_exits,
-    run,
-)
+from waveclip_cli.calibrate import add_arguments, run
+from waveclip_train.calibrate import NEVER, calibrate, class_prototypes, exit_scores, gate_exits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,7 +233,7 @@ def test_cli_class_names_through_the_teacher_text_tower(tmp_path, capsys):
             }
         )
     )
-    from waveclip_train.distill import load_teacher_model
+    from waveclip_train.teacher import load_teacher_model
 
     teacher, _ = load_teacher_model(str(teacher_json), None)
     student = WaveCLIP.from_open_clip(teacher, WaveCLIPConfig.from_preset("waveclip-tiny"), impl="reference")
@@ -255,3 +248,61 @@ def test_cli_class_names_through_the_teacher_text_tower(tmp_path, capsys):
     assert run(args) == 0
     assert "RANDOM weights" in capsys.readouterr().out
     assert (tmp_path / "calibration.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------ options up front
+
+
+def _student_and_folders(tmp_path):
+    ckpt, data = tmp_path / "student", tmp_path / "images"
+    WaveCLIP(WaveCLIPConfig.from_preset("waveclip-tiny"), impl="reference").save_pretrained(ckpt)
+    _image_folders(data)
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    return ckpt, data, parser
+
+
+def _count_computes(monkeypatch):
+    import waveclip_train.calibrate as calibration
+
+    calls = []
+    compute = calibration.compute_embeddings
+    monkeypatch.setattr(calibration, "compute_embeddings", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    return calls
+
+
+def test_max_drop_and_min_agreement_are_one_or_the_other(tmp_path, capsys):
+    ckpt, data, parser = _student_and_folders(tmp_path)
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--labels-from-folders", "--prototypes-from", str(data)]
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*argv, "--max-drop", "2", "--min-agreement", "90"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    # With labels, --min-agreement asks for agreement with the last exit: the labels are not used.
+    args = parser.parse_args([*argv, "--min-agreement", "90", "--out", str(tmp_path / "a"), "--dry-run"])
+    assert run(args) == 0
+    with open(tmp_path / "a" / "calibration.csv") as f:
+        assert "agreement" in next(csv.reader(f))
+
+
+def test_max_drop_without_labels_stops_before_the_compute(tmp_path, capsys, monkeypatch):
+    ckpt, data, parser = _student_and_folders(tmp_path)
+    calls = _count_computes(monkeypatch)
+    args = parser.parse_args(["--checkpoint", str(ckpt), "--data", str(data), "--max-drop", "1"])
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "no labels" in err and not calls
+
+
+def test_save_embeddings_folder_is_made_or_refused_before_the_compute(tmp_path, capsys, monkeypatch):
+    ckpt, data, parser = _student_and_folders(tmp_path)
+    calls = _count_computes(monkeypatch)
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--labels-from-folders", "--prototypes-from", str(data)]
+    argv += ["--out", str(tmp_path / "out"), "--dry-run"]
+    target = tmp_path / "new" / "folder" / "e.pt"
+    assert run(parser.parse_args([*argv, "--save-embeddings", str(target)])) == 0
+    assert torch.load(target, weights_only=True)["embeddings"].shape[:2] == (8, 3)
+    (tmp_path / "a_file").write_text("in the way")
+    calls.clear()
+    assert run(parser.parse_args([*argv, "--save-embeddings", str(tmp_path / "a_file" / "e.pt")])) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "save_embeddings" in err and not calls

@@ -13,19 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from waveclip import WaveCLIPConfig
+from waveclip_cli.distill import add_arguments, run
 from waveclip_train.data import DataError, ImageDataset, build_dataset, list_images, split_of
-from waveclip_train.distill import (
-    DistillOptions,
-    add_arguments,
-    cached_teacher_embeddings,
-    distill,
-    distill_loss,
-    load_teacher_model,
-    lr_factor,
-    param_groups,
-    run,
-    teacher_embed,
-)
+from waveclip_train.distill import distill
+from waveclip_train.distributed import Dist
+from waveclip_train.loss import distill_loss
+from waveclip_train.optim import lr_factor, param_groups
+from waveclip_train.options import DistillOptions
+from waveclip_train.teacher import cached_teacher_embeddings, load_teacher_model, teacher_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,8 +172,6 @@ def test_teacher_cache_keys(tmp_path):
         calls.append(list(idx))
         return torch.stack([torch.full((4,), float(i)) for i in idx])
 
-    from waveclip_train.distill import Dist
-
     emb, fresh = cached_teacher_embeddings(str(tmp_path / "cache"), "teacherA", ds, compute, Dist())
     assert fresh == 5 and calls == [[0, 1, 2, 3, 4]]
     emb2, fresh = cached_teacher_embeddings(str(tmp_path / "cache"), "teacherA", ds, compute, Dist())
@@ -269,3 +262,46 @@ def test_list_files_labels_and_splits(tmp_path):
     names = [r.name for r in list_images("builtin:textiles")]
     held = [n for n in names if split_of(n, 0.2) == "holdout"]
     assert len(names) == 2000 and 300 < len(held) < 500  # about a fifth, fixed by the file names
+
+
+# ------------------------------------------------------------------------------------ what is written
+
+
+def test_train_log_gives_the_learning_rate_each_step_used(tmp_path):
+    data = write_images(tmp_path / "images", 8)
+    distill(options(tmp_path, data, tmp_path / "out", steps=4, warmup_steps=2, min_lr_ratio=0.1))
+    with open(tmp_path / "out" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        factor = lr_factor(int(r["step"]) - 1, 4, 2, 0.1)  # logged step k ran with the schedule's step k - 1
+        assert float(r["lr_new"]) == pytest.approx(3e-3 * factor, rel=1e-5)
+        assert float(r["lr_trunk"]) == pytest.approx(1e-3 * factor, rel=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_honours_the_umask(tmp_path, umask):
+    data = write_images(tmp_path / "images", 4)
+    old = os.umask(umask)
+    try:
+        distill(options(tmp_path, data, tmp_path / "out", steps=1, teacher_cache=str(tmp_path / "cache")))
+    finally:
+        os.umask(old)
+    files = [p for folder in ("out", "cache") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "config.json", "trainer.safetensors", "rng-0.safetensors", "train_log.csv"} <= names
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_zero_steps_write_the_initial_student(tmp_path):
+    from waveclip import WaveCLIP
+
+    data = write_images(tmp_path / "images", 4)
+    result = distill(options(tmp_path, data, tmp_path / "init", steps=0))
+    assert result.steps == 0 and result.before == result.after
+    torch.manual_seed(0)  # the run's seed: the same random teacher
+    teacher, _ = load_teacher_model(tiny_teacher_config(tmp_path), None)
+    initial = WaveCLIP.from_open_clip(teacher, result.model.config, impl="reference").state_dict()
+    written = load_file(tmp_path / "init" / "model.safetensors")
+    assert written.keys() == initial.keys() and all(torch.equal(written[k], initial[k]) for k in initial)

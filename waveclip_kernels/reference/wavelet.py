@@ -13,7 +13,10 @@ from ..common import color_matrix, compute_dtype
 
 
 def apply_color(x: torch.Tensor, color: str, inverse: bool = False) -> torch.Tensor:
-    """x: (B, 3, H, W) -> same shape, mixed across channels."""
+    """x: (B, 3, H, W) -> a new tensor of that shape, mixed across channels ("rgb" copies x: an
+    identity matrix would still spread a NaN across the channels)."""
+    if color == "rgb":
+        return x.clone()
     m = color_matrix(color, x.dtype, x.device, inverse)
     return torch.einsum("oc,bchw->bohw", m, x)
 

@@ -18,6 +18,7 @@ dtype. Index arithmetic is int64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -26,13 +27,17 @@ import triton.language as tl
 
 from ..common import color_matrix, compute_dtype
 
-# A program covers at most MAX_TILE x MAX_TILE pixels (one 2**L square when that is larger): a 32 x 32
-# cell of the default presets is one program, 3 x 1024 values in registers.
-MAX_TILE = 64
-# ptxas for sm_90, L=3, 32 x 32 tile: the tokenizer needs 136-150 registers a thread at 4 warps and
-# 78-80 at 8 (more resident warps for a memory-bound kernel); the inverse needs 56 at 4 warps.
+# A program covers at most MAX_TILE x MAX_TILE pixels, or one 2**L x 2**L square when that is larger:
+# a 32 x 32 cell of the default presets is one program, 3 x 1024 values in registers. ptxas for sm_90
+# (tokenizer / inverse, registers a thread, spills): 32 x 32 tiles at 8 / 4 warps need 66-80 / 56 in
+# bf16, fp16 and fp32 and 138 / 128 in fp64, no spills; 64 x 64 tiles need 255 registers in fp32 and
+# spill 1.1 KB (fp64 tokenizer) and 19 KB (fp64 inverse) at those warp counts. So 32 x 32 for every
+# dtype; the one 64 x 64 square of L = 6 gets four times the warps (see `_warps`).
+MAX_TILE = 32
 TOKENIZE_WARPS = 8
 DETOKENIZE_WARPS = 4
+# A program holds a whole 2**L square: 128 x 128 (L = 7) spills tens of KB whatever the warp count.
+MAX_LEVELS = 6
 
 
 @functools.cache
@@ -44,6 +49,41 @@ def _mix_matrix(color: str, dtype: torch.dtype, device: torch.device, inverse: b
 def _program_tile(patch: int, levels: int) -> int:
     """Stage-0 positions one program covers along an axis: a power of two, <= MAX_TILE pixels."""
     return min(triton.next_power_of_2(patch), max(1, MAX_TILE >> levels))
+
+
+def _warps(base: int, levels: int) -> int:
+    """Warps per program: `base` for tiles of at most MAX_TILE x MAX_TILE pixels, scaled with the area
+    of a larger 2**L square so that each thread holds as many values."""
+    return base * max(1, ((1 << levels) // MAX_TILE) ** 2)
+
+
+def _check_levels(levels: int) -> None:
+    if levels > MAX_LEVELS:
+        raise ValueError(
+            f'impl="triton" runs at most {MAX_LEVELS} levels (one program holds a 2**levels pixel square), '
+            f'got {levels}; use impl="cuda" or "reference"'
+        )
+
+
+def _device_guard(t: torch.Tensor):
+    """Enter the tensor's CUDA device for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def _round_to(x, OUT: tl.constexpr):
+    """x (compute dtype) -> OUT, rounded to nearest even as torch's `.to()` rounds. float64 reaches the
+    16-bit types through float32, as in torch. bfloat16 is rounded on the bits: the interpreter's own
+    float32 -> bfloat16 cast truncates, and its float64 -> bfloat16 cast is wrong."""
+    if OUT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN -> the quiet NaN torch writes
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif OUT == tl.float16:
+        return x.to(tl.float32).to(tl.float16)
+    else:
+        return x.to(OUT)
 
 
 @triton.jit
@@ -102,9 +142,9 @@ def _store_details(
     token = out_ptrs[S] + image * stride_ob[S] + cell * stride_og[S]
     band = token + ((3 * ch) * (PH * PW) + pos) * stride_of[S]
     out_ty = out_ptrs[S].dtype.element_ty
-    tl.store(band, ((a + b - c - d) * 0.5).to(out_ty), mask=mask)
-    tl.store(band + (PH * PW) * stride_of[S], ((a - b + c - d) * 0.5).to(out_ty), mask=mask)
-    tl.store(band + (2 * PH * PW) * stride_of[S], ((a - b - c + d) * 0.5).to(out_ty), mask=mask)
+    tl.store(band, _round_to((a + b - c - d) * 0.5, out_ty), mask=mask)
+    tl.store(band + (PH * PW) * stride_of[S], _round_to((a - b + c - d) * 0.5, out_ty), mask=mask)
+    tl.store(band + (2 * PH * PW) * stride_of[S], _round_to((a - b - c + d) * 0.5, out_ty), mask=mask)
 
 
 @triton.jit
@@ -164,14 +204,15 @@ def _tokenize_kernel(
     BY: tl.constexpr,  # stage-0 positions per program along rows (power of two)
     BX: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MIX: tl.constexpr,  # False for rgb: the channels are copied, not multiplied by the identity
 ):
     R: tl.constexpr = 1 << LEVELS  # pixels per stage-0 position along each axis
-    pid_cell = tl.program_id(0).to(tl.int64)  # image * GH*GW + cell
-    pid_tile = tl.program_id(1).to(tl.int64)  # rectangle inside the cell
-    image = pid_cell // (GH * GW)
-    cell = pid_cell % (GH * GW)
-    tile_y = pid_tile // tl.cdiv(PW0, BX)
-    tile_x = pid_tile % tl.cdiv(PW0, BX)
+    TILES: tl.constexpr = tl.cdiv(PH0, BY) * tl.cdiv(PW0, BX)  # rectangles per cell
+    pid = tl.program_id(0).to(tl.int64)  # (image * GH*GW + cell) * TILES + rectangle, on grid axis 0
+    image = pid // (TILES * GH * GW)
+    cell = (pid // TILES) % (GH * GW)
+    tile_y = (pid % TILES) // tl.cdiv(PW0, BX)
+    tile_x = (pid % TILES) % tl.cdiv(PW0, BX)
 
     # Read the rectangle once: three (BY*R, BX*R) colour planes mixed into one (BY*R, BX*R, 4) tile.
     ry = tile_y * (BY * R) + tl.arange(0, BY * R).to(tl.int64)
@@ -184,8 +225,11 @@ def _tokenize_kernel(
     planes = tl.zeros((BY * R, BX * R, 4), dtype=COMPUTE)
     for c in tl.static_range(3):
         value = tl.load(pix + c * stride_ic, mask=mask, other=0.0).to(COMPUTE)
-        column = tl.load(mix_ptr + 3 * out_ch + c, mask=out_ch < 3, other=0.0)  # matrix[:, c]
-        planes += value[:, :, None] * column[None, None, :]
+        if MIX:
+            column = tl.load(mix_ptr + 3 * out_ch + c, mask=out_ch < 3, other=0.0)  # matrix[:, c]
+            planes += value[:, :, None] * column[None, None, :]
+        else:  # rgb: a select, so that a NaN stays in its channel
+            planes = tl.where(out_ch[None, None, :] == c, value[:, :, None], planes)
 
     # Level lvl splits the approximation into four half-size bands; its details are stage L-lvl+1.
     for lvl in tl.static_range(1, LEVELS + 1):
@@ -197,7 +241,9 @@ def _tokenize_kernel(
         planes = (a + b + c + d) * 0.5
     pos, ch, mask = _patch_offsets(tile_y, tile_x, PH0, PW0, BY, BX)
     token = out_ptrs[0] + image * stride_ob[0] + cell * stride_og[0]
-    tl.store(token + (ch * (PH0 * PW0) + pos) * stride_of[0], planes.to(out_ptrs[0].dtype.element_ty), mask=mask)
+    tl.store(
+        token + (ch * (PH0 * PW0) + pos) * stride_of[0], _round_to(planes, out_ptrs[0].dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -220,14 +266,15 @@ def _detokenize_kernel(
     BY: tl.constexpr,
     BX: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MIX: tl.constexpr,
 ):
     R: tl.constexpr = 1 << LEVELS
-    pid_cell = tl.program_id(0).to(tl.int64)
-    pid_tile = tl.program_id(1).to(tl.int64)
-    image = pid_cell // (GH * GW)
-    cell = pid_cell % (GH * GW)
-    tile_y = pid_tile // tl.cdiv(PW0, BX)
-    tile_x = pid_tile % tl.cdiv(PW0, BX)
+    TILES: tl.constexpr = tl.cdiv(PH0, BY) * tl.cdiv(PW0, BX)
+    pid = tl.program_id(0).to(tl.int64)  # (image * GH*GW + cell) * TILES + rectangle
+    image = pid // (TILES * GH * GW)
+    cell = (pid // TILES) % (GH * GW)
+    tile_y = (pid % TILES) // tl.cdiv(PW0, BX)
+    tile_x = (pid % TILES) % tl.cdiv(PW0, BX)
 
     pos, ch, mask = _patch_offsets(tile_y, tile_x, PH0, PW0, BY, BX)
     token = tok_ptrs[0] + image * stride_tb[0] + cell * stride_tg[0]
@@ -246,9 +293,12 @@ def _detokenize_kernel(
     pix = img_ptr + image * stride_ib + y[:, None] * stride_ih + x[None, :] * stride_iw
     in_ch = tl.arange(0, 4)
     for c in tl.static_range(3):
-        row = tl.load(mix_ptr + 3 * c + in_ch, mask=in_ch < 3, other=0.0)  # matrix[c, :]
-        value = tl.sum(planes * row[None, None, :], axis=2)
-        tl.store(pix + c * stride_ic, value.to(img_ptr.dtype.element_ty), mask=mask)
+        if MIX:
+            row = tl.load(mix_ptr + 3 * c + in_ch, mask=in_ch < 3, other=0.0)  # matrix[c, :]
+            value = tl.sum(planes * row[None, None, :], axis=2)
+        else:  # rgb: a select, so that a NaN stays in its channel
+            value = tl.sum(tl.where(in_ch[None, None, :] == c, planes, 0.0), axis=2)
+        tl.store(pix + c * stride_ic, _round_to(value, img_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_shape(levels: int, grid: tuple[int, int], image_size: tuple[int, int]):
@@ -259,8 +309,9 @@ def _launch_shape(levels: int, grid: tuple[int, int], image_size: tuple[int, int
     return (ph0, pw0), (by, bx), triton.cdiv(ph0, by) * triton.cdiv(pw0, bx)
 
 
-def _meta(levels, grid, ph0, pw0, by, bx, dtype, num_warps):
+def _meta(levels, grid, ph0, pw0, by, bx, dtype, color, num_warps):
     return dict(
+        MIX=color != "rgb",
         LEVELS=levels,
         GH=grid[0],
         GW=grid[1],
@@ -287,7 +338,7 @@ def wavelet_tokenize(
     Args:
         images: (B, 3, H, W) float16/bfloat16/float32/float64, any strides; H divisible by
             2**levels * Gh and W by 2**levels * Gw (checked by the public API).
-        levels: Haar levels L >= 1.
+        levels: Haar levels 0 <= L <= MAX_LEVELS.
         grid: (Gh, Gw) token grid.
         color: "ycbcr" or "rgb".
         out_dtype: dtype of the tokens.
@@ -296,6 +347,7 @@ def wavelet_tokenize(
     Returns:
         L+1 tensors (B, Gh*Gw, dim_s), coarse to fine (contiguous unless `out` was given).
     """
+    _check_levels(levels)
     B, _, H, W = images.shape
     gh, gw = grid
     (ph0, pw0), (by, bx), tiles = _launch_shape(levels, grid, (H, W))
@@ -305,16 +357,17 @@ def wavelet_tokenize(
     if B == 0:
         return out
     ct = compute_dtype(images.dtype)
-    _tokenize_kernel[(B * gh * gw, tiles)](
-        images,
-        tuple(out),
-        _mix_matrix(color, ct, images.device, False),
-        *images.stride(),
-        tuple(t.stride(0) for t in out),
-        tuple(t.stride(1) for t in out),
-        tuple(t.stride(2) for t in out),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, TOKENIZE_WARPS),
-    )
+    with _device_guard(images):
+        _tokenize_kernel[(B * gh * gw * tiles,)](
+            images,
+            tuple(out),
+            _mix_matrix(color, ct, images.device, False),
+            *images.stride(),
+            tuple(t.stride(0) for t in out),
+            tuple(t.stride(1) for t in out),
+            tuple(t.stride(2) for t in out),
+            **_meta(levels, grid, ph0, pw0, by, bx, ct, color, _warps(TOKENIZE_WARPS, levels)),
+        )
     return out
 
 
@@ -338,6 +391,7 @@ def wavelet_detokenize(
     Returns:
         (B, 3, H, W) images in the tokens' dtype (contiguous unless `out` was given).
     """
+    _check_levels(levels)
     B = tokens[0].shape[0]
     (ph0, pw0), (by, bx), tiles = _launch_shape(levels, grid, image_size)
     dtype = tokens[0].dtype
@@ -346,14 +400,15 @@ def wavelet_detokenize(
     if B == 0:
         return out
     ct = compute_dtype(dtype)
-    _detokenize_kernel[(B * grid[0] * grid[1], tiles)](
-        tuple(tokens),
-        out,
-        _mix_matrix(color, ct, out.device, True),
-        tuple(t.stride(0) for t in tokens),
-        tuple(t.stride(1) for t in tokens),
-        tuple(t.stride(2) for t in tokens),
-        *out.stride(),
-        **_meta(levels, grid, ph0, pw0, by, bx, ct, DETOKENIZE_WARPS),
-    )
+    with _device_guard(out):
+        _detokenize_kernel[(B * grid[0] * grid[1] * tiles,)](
+            tuple(tokens),
+            out,
+            _mix_matrix(color, ct, out.device, True),
+            tuple(t.stride(0) for t in tokens),
+            tuple(t.stride(1) for t in tokens),
+            tuple(t.stride(2) for t in tokens),
+            *out.stride(),
+            **_meta(levels, grid, ph0, pw0, by, bx, ct, color, _warps(DETOKENIZE_WARPS, levels)),
+        )
     return out
