@@ -30,7 +30,7 @@ def test_available_impls_on_a_device_without_backends_is_the_reference():
 def test_every_op_defaults_to_auto():
     x = torch.randn(1, 3, 8, 8)
     tokens = wk.wavelet_tokenize(x, 1, 2)
-    assert_close(wk.wavelet_detokenize(tokens, 1, 2), x)
+    assert_close(wk.wavelet_detokenize(tokens, 1, 2, image_size=8), x)
     q = torch.randn(1, 2, 5, 4)
     assert_close(wk.block_causal_attention(q, q, q, [2, 3]), ref.block_causal_attention(q, q, q, [2, 3]))
     cache = torch.randn(1, 2, 8, 4)
@@ -38,9 +38,9 @@ def test_every_op_defaults_to_auto():
     assert_close(wk.attention_with_kv_append(q, q, q, cache.clone(), cache.clone(), [1]), expected)
 
 
-@pytest.mark.parametrize("levels", [True, 2.0, 0])
-def test_levels_must_be_a_positive_int(levels):
-    with pytest.raises(ValueError, match="levels must be an int >= 1"):
+@pytest.mark.parametrize("levels", [True, 2.0, -1])
+def test_levels_must_be_an_int(levels):
+    with pytest.raises(ValueError, match=r"^levels must be an int"):
         wk.wavelet_tokenize(torch.randn(1, 3, 8, 8), levels, 1)
 
 
@@ -51,22 +51,22 @@ def test_tokenize_messages_name_the_argument():
         wk.wavelet_tokenize(torch.zeros(1, 3, 8, 8, dtype=torch.int32), 1, 1)
 
 
-def test_detokenize_infers_a_non_square_image():
+def test_detokenize_a_non_square_image_on_a_non_square_grid():
     x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
     tokens = wk.wavelet_tokenize(x, 2, (2, 3), impl="reference")
-    assert_close(wk.wavelet_detokenize(tokens, 2, (2, 3), impl="reference"), x)
+    assert_close(wk.wavelet_detokenize(tokens, 2, (2, 3), image_size=(16, 24), impl="reference"), x)
 
 
 def test_detokenize_messages_name_the_token_tensor():
     tokens = wk.wavelet_tokenize(torch.randn(2, 3, 16, 16), 2, 2, impl="reference")
     with pytest.raises(ValueError, match=r"^tokens\[1\] must have 3 dimensions"):
-        wk.wavelet_detokenize([tokens[0], tokens[1][0], tokens[2]], 2, 2)
+        wk.wavelet_detokenize([tokens[0], tokens[1][0], tokens[2]], 2, 2, image_size=16)
     with pytest.raises(TypeError, match=r"^tokens\[2\] has dtype torch\.float64 but tokens\[0\] has torch\.float32$"):
-        wk.wavelet_detokenize([tokens[0], tokens[1], tokens[2].double()], 2, 2)
+        wk.wavelet_detokenize([tokens[0], tokens[1], tokens[2].double()], 2, 2, image_size=16)
     with pytest.raises(TypeError, match=r"^tokens\[1\] has dtype torch\.float32 but tokens\[0\] has torch\.float64$"):
-        wk.wavelet_detokenize([tokens[0].double(), tokens[1], tokens[2]], 2, 2)
+        wk.wavelet_detokenize([tokens[0].double(), tokens[1], tokens[2]], 2, 2, image_size=16)
     with pytest.raises(ValueError, match=r"^tokens\[1\] must have shape \(1, 4, 36\)"):
-        wk.wavelet_detokenize([tokens[0][:1], tokens[1], tokens[2]], 2, 2)
+        wk.wavelet_detokenize([tokens[0][:1], tokens[1], tokens[2]], 2, 2, image_size=16)
 
 
 def _kv(**change):

@@ -58,10 +58,10 @@ def test_tower_input_messages(tiny_tower):
         model.tokenize([1, 2])
     with pytest.raises(ValueError, match=r"got torch\.Size\(\[3, 32, 32\]\)$"):
         model.tokenize(torch.randn(3, 32, 32))
-    with pytest.raises(ValueError, match=r"^images are \(30, 32\) pixels but this tower takes \(32, 32\)"):
+    with pytest.raises(ValueError, match=r"^an image of 30x32 pixels does not fit this tower"):
         model.tokenize(torch.randn(1, 3, 30, 32))
     tokens = model.tokenize(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"^tokens\[1\] must have shape \(2, 4, 144\)"):
+    with pytest.raises(ValueError, match=r"^tokens\[1\] must be a float tensor of shape \(2, 4, 144\)"):
         model.forward_tokens([tokens[0], tokens[1][:1], tokens[2]])
 
 
@@ -74,7 +74,9 @@ def test_from_open_clip_passes_impl(tiny_teacher):
 
 def test_allocated_state_has_run_nothing():
     tokens = [torch.randn(3, 4, d) for d in TINY.stage_dims()]
-    state = InferenceState.allocate(tokens, 2, 2, 15, 16, 16, "reference")
+    state = InferenceState.allocate(
+        tokens, num_stages=3, layers=2, heads=2, seq_len=15, head_dim=16, embed_dim=16, impl="reference"
+    )
     assert state.stage == -1 and not state.done
     assert state.last_stage.tolist() == [-1, -1, -1] and state.last_stage.dtype == torch.int64
     assert state.cache_lens.tolist() == [0, 0, 0] and state.active.tolist() == [0, 1, 2]
