@@ -18,10 +18,7 @@ def snippets() -> list:
         line = text.count("\n", 0, match.start()) + 2
         headings = re.findall(r"^#+ (.+)$", text[: match.start()], re.M)
         name = f"{headings[-1] if headings else 'top'} (line {line})".replace(" ", "-")
-        code = match.group(1)
-        # A snippet that builds the ViT-B/16 teacher takes tens of seconds on a CPU.
-        marks = [pytest.mark.slow] if "load_teacher(" in code else []
-        params.append(pytest.param(line, code, id=name, marks=marks))
+        params.append(pytest.param(line, match.group(1), id=name))
     return params
 
 
