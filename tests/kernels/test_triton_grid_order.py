@@ -36,6 +36,8 @@ def _ordered(programs: list[tuple], order: str, seed: int) -> list[tuple]:
         return programs
     if order == "reversed":
         return programs[::-1]
+    if len(programs) == 2:  # the only other order of two programs
+        return programs[::-1]
     shuffled = list(programs)
     rng = random.Random(seed)
     while len(programs) > 2 and shuffled in (programs, programs[::-1]):

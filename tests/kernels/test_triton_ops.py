@@ -143,6 +143,29 @@ def test_block_causal_later_blocks_do_not_leak():
     assert not torch.equal(after[:, :, 23:], before[:, :, 23:])
 
 
+@pytest.mark.parametrize("where", ["v", "k"])
+def test_block_causal_nan_in_later_block_stays_there(where):
+    """A NaN/inf in a later block's keys or values never reaches an earlier block's rows (a query tile
+    spanning two blocks used to compute 0 x NaN inside its dot)."""
+    q, k, v = (torch.randn(1, 1, 10, 16) for _ in range(3))
+    blocks = [4, 6]
+    expected = ref.block_causal_attention(q.double(), k.double(), v.double(), blocks)
+    bad = {"v": v, "k": k}[where]
+    bad[0, 0, 8, 0] = float("nan")
+    bad[0, 0, 9, 3] = float("inf")
+    got = tri.block_causal_attention(q, k, v, blocks, 16**-0.5)
+    assert torch.isfinite(got[:, :, :4]).all()
+    assert_close(got[:, :, :4], expected[:, :, :4], torch.float32)
+
+
+def test_block_causal_tiles_never_span_blocks():
+    """Block-aligned tiles: ceil(n / tile) tiles per block."""
+    assert tri_attention.aligned_tiles([4, 6], 32) == 2
+    assert tri_attention.aligned_tiles([50] * 4, 64) == 4
+    assert tri_attention.aligned_tiles([197] * 4, 64) == 16
+    assert tri_attention.aligned_tiles([1, 33], 16) == 4
+
+
 def test_block_causal_empty_batch():
     q = torch.randn(0, 2, 17, 16)
     assert tri.block_causal_attention(q, q, q, [17], 0.25).shape == (0, 2, 17, 16)
