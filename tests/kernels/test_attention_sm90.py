@@ -102,8 +102,25 @@ def test_every_kept_config_fits_the_estimate(kernel, dtype, head_dim):
             )
             assert estimate <= tri_attention.SHARED_MEMORY_LIMIT
             assert min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 16  # the smallest GPU dot
+            if dtype in (torch.float16, torch.bfloat16):
+                registers = tri_attention.register_estimate(
+                    kernel, dtype, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+                )
+                assert registers <= tri_attention.HALF_REGISTER_BUDGET
         if precision == "ieee" and dtype == torch.float32:
             assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64 for c in configs)
+
+
+def test_half_configs_that_spilled_are_rejected():
+    """The bf16/fp16 configs that spilled at head dim 80 and 128 on sm_90 (make compile-sweep) are
+    pruned there and kept at head dim 64, where they did not spill."""
+    spilled = {"backward_dkdv": (64, 64, 4, 2), "kv_append": (128, 32, 4, 3)}
+    for kernel, config in spilled.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            for head_dim, kept in ((64, True), (80, False), (128, False)):
+                configs = tri_attention.attention_configs(kernel, dtype, head_dim)
+                found = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+                assert (config in found) == kept, (kernel, dtype, head_dim)
 
 
 def test_former_fp64_configs_are_rejected():

@@ -71,7 +71,13 @@ def test_gpu_tests_collect_without_optional_packages(tmp_path):
 
 
 def test_benchmarks_and_images_import_without_open_clip(tmp_path):
-    modules = ["bench.bench_model", "bench.bench_gate", "bench.bench_tokenizer", "bench.bench_attention"]
+    modules = [
+        "bench.bench_model",
+        "bench.bench_gate",
+        "bench.bench_tokenizer",
+        "bench.bench_attention",
+        "bench.bench_training",
+    ]
     modules += ["bench.common", "bench.tables", "bench.gpu_warmup", "bench.compile_sweep", "waveclip.images"]
     done = run_without_optional_packages(tmp_path, "-c", "; ".join(f"import {m}" for m in modules))
     assert done.returncode == 0, done.stderr[-4000:]
