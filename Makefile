@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml requirements.txt requirements-nodeps.txt
 
-.PHONY: setup run test test-fast lint format bench cuda-check compile-sweep gpu-check-dry clean
+.PHONY: setup run test test-fast lint format bench cuda-check compile-sweep gpu-check-dry mutate clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: $(STAMP)  ## CPU microbenchmarks and end-to-end figures into bench/result
 cuda-check: $(STAMP)  ## compile (not run) the CUDA sources so a CUDA compile error fails CI
 	bash bench/cuda_compile_check.sh
 
+mutate: $(STAMP)  ## mutation testing ([tool.mutmut] in pyproject.toml) against the fast tests; not part of CI
+	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 PYTHONPATH= .venv/bin/mutmut run --max-children 2
+	.venv/bin/mutmut results
+
 compile-sweep: $(STAMP)  ## every autotune config of every Triton kernel compiled for sm_90 (no GPU): resources, limits
 	$(PY) -m bench.compile_sweep --csv bench/results/compile/sm90.csv
 
@@ -42,4 +48,4 @@ gpu-check-dry: $(STAMP)  ## every phase of bench/gpu_check.sh on the CPU (interp
 	GPU_CHECK_DRY_RUN=1 PYTHON=$(PY) bash bench/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info waveclip_kernels/_C*.so outputs
+	rm -rf build *.egg-info waveclip_kernels/_C*.so outputs mutants

@@ -2,19 +2,27 @@
 
     python -m bench.bench_attention --device cpu --out bench/results/cpu
 
+    python -m bench.bench_attention --device cpu --threads 1 2   # both thread counts, one CSV
+
 Full pass (q, k, v of S stage blocks of n tokens, a query of block s sees blocks <= s), every
 provider on the same tensors:
-  waveclip:<impl>     `waveclip_kernels.block_causal_attention` for each impl that runs here
+  waveclip:auto       `waveclip_kernels.block_causal_attention` with impl="auto" (backend: the impl it ran)
+  waveclip:<impl>     the same for each impl that runs here
   sdpa_mask:<backend> SDPA given the boolean block-causal mask, one backend pinned with
                       `torch.nn.attention.sdpa_kernel` (a backend that refuses is reported as such);
                       sdpa_mask:auto lets PyTorch choose and reports its choice
   sdpa_dense          SDPA without a mask: the dense speed of light (not block-causal: no max_err)
   flex_compiled       `torch.compile(flex_attention)` with a BlockMask built once and cached
-  sdpa_per_stage      one SDPA per stage: that stage's queries against its prefix
+  sdpa_per_stage      one SDPA per stage: that stage's queries against its prefix (the naive composition)
 
 Incremental step (stage s of n new tokens joins a cache already holding c = s*n):
-  waveclip:<impl>     `attention_with_kv_append`: append in place and attend, one call
-  copy+sdpa           `copy_` k/v into the cache, then SDPA without mask on the prefix [0, c+n)
+  waveclip:auto       `attention_with_kv_append` with impl="auto": append in place and attend, one call
+  waveclip:<impl>     the same for each impl that runs here
+  copy+sdpa           `copy_` k/v into the cache, then SDPA without mask on the prefix [0, c+n) (naive)
+
+`vs_naive` is a row's time over the naive composition's in the same case, same run (below 1 is
+faster). The auto and naive rows are timed interleaved (call for call, so that a shared machine's
+load changes hit both alike); `--threads 1 2` runs every case at each thread count, into one CSV.
 
 TFLOP/s always counts the useful work, docs/design.md's `4*B*H*D*sum_s n_s*P_s` (P_s = keys visible to
 block s), whatever a provider computes. GB/s counts the minimum traffic: q, k, v read and the output
@@ -26,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import pathlib
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -135,6 +145,12 @@ def per_stage_sdpa(q, k, v, block_sizes: list[int]) -> torch.Tensor:
     return out
 
 
+def auto_provider(op: str, device: torch.device, call) -> dict:
+    """impl="auto", labelled with the impl it resolves to."""
+    chosen = wk.resolve_impl("auto", op, device)
+    return {"provider": "waveclip:auto", "backend": chosen, "fn": functools.partial(call, "auto"), "auto": True}
+
+
 def full_pass_providers(q, k, v, block_sizes: list[int], device: torch.device, flex: bool = True) -> list[dict]:
     """[{provider, backend, fn, context, note}] for the block-causal full pass."""
     mask = ref.block_causal_mask(block_sizes, device)
@@ -142,7 +158,8 @@ def full_pass_providers(q, k, v, block_sizes: list[int], device: torch.device, f
     def ours(impl):
         return wk.block_causal_attention(q, k, v, block_sizes, impl=impl)
 
-    out = common.impl_providers("block_causal_attention", device, ours)
+    out = [auto_provider("block_causal_attention", device, ours)]
+    out += common.impl_providers("block_causal_attention", device, ours)
     for backend in PINNED:
         out.append(
             {
@@ -195,6 +212,7 @@ def full_pass_providers(q, k, v, block_sizes: list[int], device: torch.device, f
             "backend": sdpa_choice(q[:, :, last], k, v),
             "fn": lambda: per_stage_sdpa(q, k, v, block_sizes),
             "note": "one SDPA per stage over its prefix",
+            "naive": True,
         }
     )
     return out
@@ -212,13 +230,15 @@ def step_providers(q, k_new, v_new, k_cache, v_cache, lens, c: int, device: torc
         v_cache[:, :, c : c + n].copy_(v_new)
         return F.scaled_dot_product_attention(q, k_cache[:, :, : c + n], v_cache[:, :, : c + n])
 
-    out = common.impl_providers("attention_with_kv_append", device, ours)
+    out = [auto_provider("attention_with_kv_append", device, ours)]
+    out += common.impl_providers("attention_with_kv_append", device, ours)
     out.append(
         {
             "provider": "copy+sdpa",
             "backend": sdpa_choice(q, k_cache[:, :, : c + n], v_cache[:, :, : c + n]),
             "fn": copy_then_sdpa,
             "note": "copy_ into the cache, then SDPA without mask on the prefix",
+            "naive": True,
         }
     )
     return out
@@ -250,17 +270,73 @@ def _measure(p: dict, check, device, budget_s: float, flush_l2: bool, prepare=No
                 return row | {"status": "refused" if "context" in p else "error", "note": note}
             first_s = time.perf_counter() - start
         row |= check(p, got)
+        if p.get("auto") or p.get("naive"):
+            return row  # timed by `_time_paired`
         timing = common.time_fn(p["fn"], device, budget_s=budget_s, flush_l2=flush_l2)
     if p["provider"] == "flex_compiled":
         row["note"] += f"; first call incl. compile {first_s:.1f} s"
     return row | {"ms": timing.ms, "ms_min": timing.ms_min, "cpu_ms": timing.cpu_ms, "reps": timing.reps}
 
 
+def _time_paired(providers: list[dict], rows: list[dict], device, budget_s: float) -> None:
+    """Time the auto and naive providers of one case call for call, alternating, into their rows."""
+    pair = [(p, r) for p, r in zip(providers, rows) if (p.get("auto") or p.get("naive")) and r["status"] == "ok"]
+    if not pair:
+        return
+    fns = [p["fn"] for p, _ in pair]
+    state = {"i": 0}
+
+    def step():  # one call of each, in turn
+        fns[state["i"] % len(fns)]()
+        state["i"] += 1
+
+    for _ in range(3 * len(fns)):
+        step()
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    estimate = max(time.perf_counter() - start, 1e-6)
+    reps = int(min(200, max(7, 2 * budget_s / estimate)))
+    times = [[] for _ in fns]
+    cpu_times = [[] for _ in fns]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            sync()
+            begin, cpu_begin = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            times[i].append((time.perf_counter() - begin) * 1e3)
+            cpu_times[i].append((time.process_time() - cpu_begin) * 1e3)
+    for (p, row), t, c in zip(pair, times, cpu_times):
+        row |= {"ms": statistics.median(t), "ms_min": min(t), "cpu_ms": statistics.median(c), "reps": reps}
+        row["note"] = "; ".join(
+            x
+            for x in (
+                row.get("note", ""),
+                "timed interleaved with the naive composition"
+                if p.get("auto")
+                else "timed interleaved with waveclip:auto",
+            )
+            if x
+        )
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """vs_naive: ms over the naive composition's ms, within the case."""
+    naive = next((r for r in rows if r.get("naive") and r.get("ms")), None)
+    for r in rows:
+        r.pop("naive", None)
+        if naive is not None and r.get("ms"):
+            r["vs_naive"] = r["ms"] / naive["ms"]
+
+
 def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return (got.double() - expected).abs().max().item()
 
 
-def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool, rows=None) -> list[dict]:
+def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool, rows=None, extra=None) -> list[dict]:
+    """The full pass of every provider; `extra`: columns added to each row."""
     torch.manual_seed(0)
     shape = (case.batch, case.heads, case.stages * case.stage_tokens, case.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=case.dtype) for _ in range(3))
@@ -271,19 +347,26 @@ def run_full_pass(case: Case, device: torch.device, budget_s: float, flex: bool,
     def check(p, got):
         return {} if p.get("dense") else {"max_err": _error(got, expected)}
 
-    rows = [] if rows is None else rows  # a common.CsvRows writes each row as it comes
-    for p in full_pass_providers(q, k, v, case.block_sizes, device, flex):
-        row = {"bench": "attention_full", "case": case.name} | case.params() | {"step_stage": ""}
+    rows = [] if rows is None else rows  # a common.CsvRows writes each case's rows as they come
+    providers = full_pass_providers(q, k, v, case.block_sizes, device, flex)
+    case_rows = []
+    for p in providers:
+        row = {"bench": "attention_full", "case": case.name} | case.params() | {"step_stage": ""} | (extra or {})
         row |= _measure(p, check, device, budget_s, flush_l2=False)
+        case_rows.append(row | {"naive": p.get("naive", False)})
+    _time_paired(providers, case_rows, device, budget_s)
+    for row in case_rows:
         if "ms" in row:
             row |= {"gflop": flops / 1e9, "bytes": nbytes} | common.rates(row["ms"], flops, nbytes)
-        rows.append(row)
+    _add_ratios(case_rows)
+    rows.extend(case_rows)
     return rows
 
 
-def run_steps(case: Case, device: torch.device, budget_s: float, rows=None) -> list[dict]:
+def run_steps(case: Case, device: torch.device, budget_s: float, rows=None, extra=None) -> list[dict]:
     """Steps 1..S-1; before each provider the slots it must fill are set to NaN, so a provider that
-    does not append (or appends elsewhere) shows up in `append_exact` and in its output."""
+    does not append (or appends elsewhere) shows up in `append_exact` and in its output. `extra`:
+    columns added to each row."""
     torch.manual_seed(1)
     B, H, n, D = case.batch, case.heads, case.stage_tokens, case.head_dim
     n_max = case.stages * n
@@ -306,17 +389,34 @@ def run_steps(case: Case, device: torch.device, budget_s: float, rows=None) -> l
             exact = torch.equal(k_cache[:, :, c : c + n], k_new) and torch.equal(v_cache[:, :, c : c + n], v_new)
             return {"max_err": _error(got, expected), "append_exact": exact} | ({} if exact else {"status": "wrong"})
 
-        for p in step_providers(q, k_new, v_new, k_cache, v_cache, lens, c, device):
+        providers = step_providers(q, k_new, v_new, k_cache, v_cache, lens, c, device)
+        case_rows = []
+        for p in providers:
             row = {"bench": "attention_step", "case": f"{case.name} step {s}"} | case.params() | {"step_stage": s}
-            row |= _measure(p, check, device, budget_s, flush_l2=True, prepare=poison)
+            row |= (extra or {}) | _measure(p, check, device, budget_s, flush_l2=True, prepare=poison)
+            case_rows.append(row | {"naive": p.get("naive", False)})
+        _time_paired(providers, case_rows, device, budget_s)
+        for row in case_rows:
             if "ms" in row:
                 row |= {"gflop": flops / 1e9, "bytes": nbytes} | common.rates(row["ms"], flops, nbytes)
-            rows.append(row)
+        _add_ratios(case_rows)
+        rows.extend(case_rows)
     return rows
 
 
-def run(out_dir=common.DEFAULT_OUT, device="cpu", cases=None, quick: bool = False, budget_s: float = 1.0) -> list[dict]:
-    """Full pass and incremental steps for every case; writes attention.csv and two PNGs into `out_dir`."""
+def run(
+    out_dir=common.DEFAULT_OUT,
+    device="cpu",
+    cases=None,
+    quick: bool = False,
+    budget_s: float = 1.0,
+    threads: list[int] | None = None,
+) -> list[dict]:
+    """Full pass and incremental steps for every case; writes attention.csv and two PNGs into `out_dir`.
+
+    `threads`: run every case at each of these torch thread counts (default: torch's setting), each
+    row stamped with its count.
+    """
     device = torch.device(device)
     if quick:
         budget_s = min(budget_s, 0.05)
@@ -324,10 +424,19 @@ def run(out_dir=common.DEFAULT_OUT, device="cpu", cases=None, quick: bool = Fals
         cases = QUICK_CASES if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
     out_dir = pathlib.Path(out_dir)
     rows = common.CsvRows(out_dir / "attention.csv", device)
-    for case in cases:  # on CUDA FlexAttention runs at the last case only: one cold compile, not one per shape
-        run_full_pass(case, device, budget_s, not quick and (device.type != "cuda" or case is cases[-1]), rows)
-    for case in cases:
-        run_steps(case, device, budget_s, rows)
+    before = torch.get_num_threads()
+    try:
+        for count in threads or [before]:
+            torch.set_num_threads(count)
+            counted = [dataclasses.replace(c, label=_thread_label(c.label, count, threads)) for c in cases]
+            stamp = {"threads": count}
+            for case in counted:  # on CUDA FlexAttention runs at the last case only: one cold compile
+                flex = not quick and (device.type != "cuda" or case is counted[-1])
+                run_full_pass(case, device, budget_s, flex, rows, stamp)
+            for case in counted:
+                run_steps(case, device, budget_s, rows, stamp)
+    finally:
+        torch.set_num_threads(before)
     full = [r for r in rows if r["bench"] == "attention_full"]
     steps = [r for r in rows if r["bench"] != "attention_full"]
     title = f"{{}}, {common.device_name(device)}"
@@ -336,7 +445,14 @@ def run(out_dir=common.DEFAULT_OUT, device="cpu", cases=None, quick: bool = Fals
     return full + steps
 
 
-COLUMNS = ["case", "provider", "backend", "status", "ms", "tflops", "gbps", "max_err", "note"]
+def _thread_label(label: str, count: int, threads: list[int] | None) -> str:
+    if not threads:
+        return label
+    suffix = f"{count} thread{'s' if count > 1 else ''}"
+    return f"{label}, {suffix}" if label else suffix
+
+
+COLUMNS = ["case", "provider", "backend", "status", "ms", "vs_naive", "tflops", "gbps", "max_err", "note"]
 
 
 def main(argv=None) -> None:
@@ -350,12 +466,13 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quick", action="store_true", help="one tiny case, no FlexAttention compile (smoke run)")
+    parser.add_argument("--threads", type=int, nargs="+", help="torch thread counts to run every case at")
     args = parser.parse_args(argv)
     cases = None
     if args.batch:
         dtype = common.parse_dtype(args.dtype)
         cases = [Case(args.batch, args.heads, args.stages, args.stage_tokens, args.head_dim, dtype)]
-    rows = run(args.out, args.device, cases, args.quick)
+    rows = run(args.out, args.device, cases, args.quick, threads=args.threads)
     print(common.format_table(rows, COLUMNS))
 
 

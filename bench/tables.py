@@ -24,7 +24,7 @@ LAYOUTS = {
     "attention.csv": (
         "Block-causal attention",
         [("provider", "provider"), ("backend", "backend ran"), ("ms", "ms"), ("cpu_ms", "CPU ms"),
-         ("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("max_err", "max err")],
+         ("vs_naive", "vs naive"), ("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("max_err", "max err")],
     ),
     "gate.csv": (
         "Zero-shot classification under the gate",

@@ -1,5 +1,5 @@
 // Host side of the extension: argument validation, routing to the CPU or CUDA kernels, attention
-// over the cache prefixes through ATen, and the Python module.
+// over the cache prefixes (attention_cpu.cpp on the CPU, ATen's SDPA on CUDA), and the Python module.
 //
 // Every check runs before anything is allocated or written, so bad input from Python is a Python
 // exception (ValueError / TypeError / RuntimeError), never a crash.
@@ -12,6 +12,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <set>
 
 #ifdef WAVECLIP_WITH_CUDA
@@ -131,9 +132,8 @@ bool check_detokenize(const std::vector<at::Tensor>& tokens, int64_t levels, int
   return ycbcr;
 }
 
-AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                           const std::optional<at::Tensor>& batch_index) {
+void check_kv_append_tensors(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache) {
   constexpr const char* op = "attention_with_kv_append";
   check_float(op, "q", q, 4, "(B, H, n, D)");
   const std::pair<const char*, const at::Tensor*> others[] = {
@@ -148,7 +148,84 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
                     v_cache.sizes(), " must have one shape");
   TORCH_CHECK_VALUE(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), op, ": k_cache ", k_cache.sizes(),
                     " must match q ", q.sizes(), " in heads (dim 1) and head dim (dim 3)");
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": the head dim (dim 3) must be at least 1, got q ", q.sizes());
+}
+
+namespace {
+
+// [first, last] byte addresses of t's elements; {1, 0} (empty) when it has none.
+std::pair<uintptr_t, uintptr_t> span(const at::Tensor& t) {
+  if (t.numel() == 0) return {1, 0};
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
+}
+
+bool meet(const std::pair<uintptr_t, uintptr_t>& a, const std::pair<uintptr_t, uintptr_t>& b) {
+  return a.first <= a.second && b.first <= b.second && a.first <= b.second && b.first <= a.second;
+}
+
+// True when two elements of t may share memory (a stride 0, or strides that interleave).
+bool self_overlap(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest offset reachable through the smaller-stride dims
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
+}  // namespace
+
+void check_kv_memory(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache) {
+  constexpr const char* op = "attention_with_kv_append";
+  TORCH_CHECK_VALUE(!self_overlap(k_cache), op, ": k_cache has elements that share memory (strides ",
+                    k_cache.strides(), " for shape ", k_cache.sizes(),
+                    ", e.g. an expanded view): the append would write one slot twice");
+  TORCH_CHECK_VALUE(!self_overlap(v_cache), op, ": v_cache has elements that share memory (strides ",
+                    v_cache.strides(), " for shape ", v_cache.sizes(),
+                    ", e.g. an expanded view): the append would write one slot twice");
+  const auto k_span = span(k_cache), v_span = span(v_cache);
+  TORCH_CHECK_VALUE(!meet(k_span, v_span), op,
+                    ": k_cache and v_cache share memory: the key and value appends would overwrite each other");
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"q", &q}, {"k_new", &k_new}, {"v_new", &v_new}};
+  for (const auto& [name, t] : inputs) {
+    const auto s = span(*t);
+    TORCH_CHECK_VALUE(!meet(s, k_span), op, ": ", name, " shares memory with k_cache: the append would change it ",
+                      "while it is read; pass a copy (", name, ".clone())");
+    TORCH_CHECK_VALUE(!meet(s, v_span), op, ": ", name, " shares memory with v_cache: the append would change it ",
+                      "while it is read; pass a copy (", name, ".clone())");
+  }
+}
+
+void check_plan_bounds(const AppendPlan& plan, const at::Tensor& q, const at::Tensor& k_cache) {
+  constexpr const char* op = "attention_with_kv_append";
   const int64_t B = q.size(0), n = q.size(2), B_cache = k_cache.size(0), n_max = k_cache.size(2);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(plan.lens.size()) == B && static_cast<int64_t>(plan.rows.size()) == B, op,
+                    ": the plan has ", plan.lens.size(), " lengths and ", plan.rows.size(), " rows for a batch of ",
+                    B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = plan.rows[b], c = plan.lens[b];
+    TORCH_CHECK_VALUE(r >= 0 && r < B_cache, op, ": batch_index[", b, "] = ", r, " must lie in [0, ", B_cache, ")");
+    TORCH_CHECK_VALUE(c >= 0, op, ": cache_lens[", b, "] = ", c, " must be >= 0");
+    TORCH_CHECK_VALUE(c <= n_max - n, op, ": cache overflow: row ", b, " (cache row ", r, ") has cache_lens=", c,
+                      ", appending ", n, " needs ", c, " + ", n, " slots but N_max=", n_max);
+  }
+}
+
+AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                           const std::optional<at::Tensor>& batch_index) {
+  constexpr const char* op = "attention_with_kv_append";
+  check_kv_append_tensors(q, k_new, v_new, k_cache, v_cache);
+  check_kv_memory(q, k_new, v_new, k_cache, v_cache);
+  const int64_t B = q.size(0), B_cache = k_cache.size(0);
 
   AppendPlan plan;
   plan.lens = host_index("cache_lens", cache_lens, B, q);
@@ -167,19 +244,14 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
                       " rows; pass batch_index");
     for (int64_t b = 0; b < B; ++b) plan.rows.push_back(b);
   }
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t c = plan.lens[b];
-    TORCH_CHECK_VALUE(c >= 0 && c <= n_max - n, op, ": cache overflow: row ", b, " (cache row ", plan.rows[b],
-                      ") has cache_lens=", c, ", appending ", n, " needs ", c, " + ", n, " slots but N_max=", n_max);
-  }
+  check_plan_bounds(plan, q, k_cache);
   return plan;
 }
 
 namespace {
 
-// softmax(q k^T * scale) v for one group of rows. On the CPU this is ATen's matmul + softmax
-// composition (SDPA's math path), whose arithmetic per element does not depend on the number of
-// threads (the CPU flash kernel's blocking does); on CUDA it is SDPA's fastest backend.
+// softmax(q k^T * scale) v for one group of rows: SDPA's fastest backend on CUDA; on the CPU, where
+// torch exports no BLAS for attention_cpu.cpp, ATen's matmul + softmax composition (SDPA's math path).
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   if (q.is_cpu()) return std::get<0>(at::_scaled_dot_product_attention_math(q, k, v, {}, 0.0, false, {}, scale));
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
@@ -345,13 +417,10 @@ at::Tensor wavelet_detokenize(const std::vector<at::Tensor>& tokens, int64_t lev
   return wavelet_detokenize_cpu(tokens, g, ycbcr);
 }
 
-// q, k_new, v_new: (B, H, n, D); k_cache, v_cache: (B_cache, H, N_max, D), written in place at
-// [cache_lens[b], cache_lens[b] + n) of row batch_index[b] (default b) -> (B, H, n, D).
-at::Tensor attention_with_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                                    const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& batch_index,
-                                    double scale) {
-  const AppendPlan plan = check_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index);
+// Writes the new keys/values, then attends: the CPU kernels, or ATen's math path where torch exports no BLAS.
+at::Tensor append_and_attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const AppendPlan& plan,
+                             double scale) {
 #ifdef WAVECLIP_WITH_CUDA
   if (q.is_cuda()) {
     kv_scatter_cuda(k_new, v_new, k_cache, v_cache, plan);
@@ -359,7 +428,52 @@ at::Tensor attention_with_kv_append(const at::Tensor& q, const at::Tensor& k_new
   }
 #endif
   kv_scatter_cpu(k_new, v_new, k_cache, v_cache, plan);
+  if (cpu_attention_available()) return attend_prefixes_cpu(q, k_cache, v_cache, plan, scale);
   return attend_prefixes(q, k_cache, v_cache, plan, scale);
+}
+
+// q, k_new, v_new: (B, H, n, D); k_cache, v_cache: (B_cache, H, N_max, D), written in place at
+// [cache_lens[b], cache_lens[b] + n) of row batch_index[b] (default b) -> (B, H, n, D).
+at::Tensor attention_with_kv_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                    const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& cache_lens, const std::optional<at::Tensor>& batch_index,
+                                    double scale) {
+  const AppendPlan plan = check_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index);
+  return append_and_attend(q, k_new, v_new, k_cache, v_cache, plan, scale);
+}
+
+// The same with lengths and rows already validated on the host (distinct rows): no index tensor is
+// read; the tensors' shapes and the plan's bounds are checked again (O(B), before anything is written).
+at::Tensor attention_with_kv_append_planned(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                            const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                            std::vector<int64_t> lens, std::vector<int64_t> rows, double scale) {
+  check_kv_append_tensors(q, k_new, v_new, k_cache, v_cache);
+  check_kv_memory(q, k_new, v_new, k_cache, v_cache);
+  const AppendPlan plan{std::move(lens), std::move(rows)};
+  check_plan_bounds(plan, q, k_cache);
+  return append_and_attend(q, k_new, v_new, k_cache, v_cache, plan, scale);
+}
+
+// q, k, v: (B, H, N, D) -> (B, H, N, D): a query of block i attends the keys of blocks <= i.
+at::Tensor block_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::vector<int64_t>& block_sizes, double scale) {
+  constexpr const char* op = "block_causal_attention";
+  check_float(op, "q", q, 4, "(B, H, N, D)");
+  check_float(op, "k", k, 4, "(B, H, N, D)");
+  check_float(op, "v", v, 4, "(B, H, N, D)");
+  check_same(op, "k", k, "q", q);
+  check_same(op, "v", v, "q", q);
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(),
+                    " must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": the head dim (dim 3) must be at least 1, got q ", q.sizes());
+  TORCH_CHECK(q.is_cpu(), op, ": the extension has no CUDA block_causal_attention (use the Triton kernel)");
+  int64_t total = 0;
+  for (const int64_t s : block_sizes) {
+    TORCH_CHECK_VALUE(s > 0, op, ": block sizes must be positive, got ", block_sizes);
+    total += s;
+  }
+  TORCH_CHECK_VALUE(total == q.size(2), op, ": block sizes ", block_sizes, " must sum to N=", q.size(2));
+  return block_causal_attention_cpu(q, k, v, block_sizes, scale);
 }
 
 bool has_cuda() {
@@ -376,7 +490,9 @@ bool has_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using release = py::call_guard<py::gil_scoped_release>;
-  m.doc() = "waveclip CPU (OpenMP) and CUDA kernels: wavelet tokenizer, its inverse, attention with KV append";
+  m.doc() =
+      "waveclip CPU (OpenMP) and CUDA kernels: wavelet tokenizer, its inverse, block-causal attention (CPU), "
+      "attention with KV append";
   m.def("wavelet_tokenize", &waveclip::wavelet_tokenize, release(), py::arg("images"), py::arg("levels"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("out_dtype"));
   m.def("wavelet_detokenize", &waveclip::wavelet_detokenize, release(), py::arg("tokens"), py::arg("levels"),
@@ -405,5 +521,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_with_kv_append", &waveclip::attention_with_kv_append, release(), py::arg("q"), py::arg("k_new"),
         py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("batch_index"),
         py::arg("scale"));
+  m.def("attention_with_kv_append_planned", &waveclip::attention_with_kv_append_planned, release(), py::arg("q"),
+        py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("lens"), py::arg("rows"),
+        py::arg("scale"));
+  m.def("block_causal_attention", &waveclip::block_causal_attention, release(), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("block_sizes"), py::arg("scale"));
+  m.def("cpu_attention_available", &waveclip::cpu_attention_available,
+        "Whether the CPU attention kernels run (the BLAS of this torch is exported).");
   m.def("has_cuda", &waveclip::has_cuda, "Whether this build includes the CUDA kernels.");
 }

@@ -341,18 +341,29 @@ inline void copy_strided(const char* src, int64_t s_stride, char* dst, int64_t d
   for (int64_t j = 0; j < n; ++j) d[j * d_stride] = s[j * s_stride];
 }
 
-void scatter_one(const at::Tensor& src, const at::Tensor& dst, const AppendPlan& plan) {
-  const int64_t H = src.size(1), n = src.size(2), D = src.size(3), es = src.element_size();
-  const char* s = static_cast<const char*>(src.const_data_ptr());  // (B, H, n, D)
-  char* d = static_cast<char*>(dst.data_ptr());                     // (B_cache, H, N_max, D)
-  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
-  const int64_t d0 = dst.stride(0), d1 = dst.stride(1), d2 = dst.stride(2), d3 = dst.stride(3);
-  const bool rows_contiguous = s3 == 1 && d3 == 1;
-  parallel_items(src.size(0) * H * n, at::get_num_threads(), [&](int64_t item, int) {
-    const int64_t t = item % n, h = (item / n) % H, b = item / (n * H);
+// One side (keys or values) of the append: copies row (b, h, t) of src (B, H, n, D) to position
+// lens[b] + t of cache row rows[b].
+struct ScatterSide {
+  const char* s;  // (B, H, n, D), strides s0..s3 (elements)
+  char* d;        // (B_cache, H, N_max, D), strides d0..d3 (elements)
+  int64_t s0, s1, s2, s3, d0, d1, d2, d3;
+
+  ScatterSide(const at::Tensor& src, const at::Tensor& dst)
+      : s(static_cast<const char*>(src.const_data_ptr())), d(static_cast<char*>(dst.data_ptr())),
+        s0(src.stride(0)), s1(src.stride(1)), s2(src.stride(2)), s3(src.stride(3)), d0(dst.stride(0)),
+        d1(dst.stride(1)), d2(dst.stride(2)), d3(dst.stride(3)) {}
+
+  // Whether the n rows of one (b, h) are one contiguous run on both sides.
+  bool runs(int64_t D) const { return s3 == 1 && d3 == 1 && s2 == D && d2 == D; }
+
+  void copy_run(int64_t b, int64_t h, int64_t n, int64_t D, int64_t es, const AppendPlan& plan) const {
+    std::memcpy(d + (plan.rows[b] * d0 + h * d1 + plan.lens[b] * d2) * es, s + (b * s0 + h * s1) * es, n * D * es);
+  }
+
+  void copy_row(int64_t b, int64_t h, int64_t t, int64_t D, int64_t es, const AppendPlan& plan) const {
     const char* from = s + (b * s0 + h * s1 + t * s2) * es;
     char* to = d + (plan.rows[b] * d0 + h * d1 + (plan.lens[b] + t) * d2) * es;
-    if (rows_contiguous) {
+    if (s3 == 1 && d3 == 1) {
       std::memcpy(to, from, D * es);
     } else if (es == 2) {
       copy_strided<uint16_t>(from, s3, to, d3, D);
@@ -361,8 +372,8 @@ void scatter_one(const at::Tensor& src, const at::Tensor& dst, const AppendPlan&
     } else {
       copy_strided<uint64_t>(from, s3, to, d3, D);
     }
-  });
-}
+  }
+};
 
 }  // namespace
 
@@ -410,8 +421,22 @@ at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const G
 void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const AppendPlan& plan) {
   if (k_new.numel() == 0) return;
-  scatter_one(k_new, k_cache, plan);
-  scatter_one(v_new, v_cache, plan);
+  const int64_t H = k_new.size(1), n = k_new.size(2), D = k_new.size(3), es = k_new.element_size();
+  const int64_t rows = k_new.size(0) * H * n;
+  const ScatterSide sides[2] = {ScatterSide(k_new, k_cache), ScatterSide(v_new, v_cache)};
+  if (sides[0].runs(D) && sides[1].runs(D)) {  // one memcpy per (side, b, h)
+    const int64_t heads = k_new.size(0) * H;
+    parallel_items(2 * heads, at::get_num_threads(), [&](int64_t item, int) {
+      const int64_t i = item % heads;
+      sides[item / heads].copy_run(i / H, i % H, n, D, es, plan);
+    });
+    return;
+  }
+  // Keys and values in one parallel region: item i < rows copies a key row, the others value rows.
+  parallel_items(2 * rows, at::get_num_threads(), [&](int64_t item, int) {
+    const int64_t i = item % rows, t = i % n, h = (i / n) % H, b = i / (n * H);
+    sides[item / rows].copy_row(b, h, t, D, es, plan);
+  });
 }
 
 }  // namespace waveclip

@@ -69,6 +69,19 @@ AppendPlan check_kv_append(const at::Tensor& q, const at::Tensor& k_new, const a
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
                            const std::optional<at::Tensor>& batch_index);
 
+// The shape, dtype and device checks of check_kv_append alone.
+void check_kv_append_tensors(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache);
+
+// Refuses caches that overlap themselves or each other, and inputs that overlap a cache (checked on
+// addresses, before anything is written).
+void check_kv_memory(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache);
+
+// The memory-safety checks of an already validated plan: one entry per query row, every row inside the
+// cache, every append inside N_max. O(B) on the host; duplicates are not searched again.
+void check_plan_bounds(const AppendPlan& plan, const at::Tensor& q, const at::Tensor& k_cache);
+
 // ------------------------------------------------------------------------------ CPU kernels
 
 // images: (B, 3, H, W) any strides -> L+1 contiguous (B, Gh*Gw, dim_s) tensors of out_dtype.
@@ -82,6 +95,19 @@ at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const G
 // of row rows[b].
 void kv_scatter_cpu(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const AppendPlan& plan);
+
+// Whether the CPU attention kernels can run (they call the BLAS of the torch they are loaded into).
+bool cpu_attention_available();
+
+// q, k, v: (B, H, N, D) of one dtype, head dim unit-stride or not; block_sizes partitions N. Returns a
+// contiguous (B, H, N, D) in q's dtype: a query of block i attends the keys of blocks <= i.
+at::Tensor block_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::vector<int64_t>& block_sizes, double scale);
+
+// q: (B, H, n, D) attends [0, plan.lens[b] + n) of cache row plan.rows[b] (already written). Returns a
+// contiguous (B, H, n, D) in q's dtype.
+at::Tensor attend_prefixes_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const AppendPlan& plan, double scale);
 
 
 }  // namespace waveclip

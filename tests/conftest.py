@@ -11,6 +11,7 @@ deadline, no example database) or "thorough" (many more examples, for a local se
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ if not torch.cuda.is_available():
 settings.register_profile(
     "ci",
     max_examples=25,
-    deadline=2000,  # ms per example: a first call may import a backend
+    deadline=10_000,  # ms per example: catches a pathological case, not the noise of a shared machine
     derandomize=True,  # the same examples on every run: CI is reproducible
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -86,6 +87,61 @@ def guards():
     bands = GuardBands()
     yield bands
     bands.check()
+
+
+# ------------------------------------------------------------------------------- dispatch spies
+
+
+class Ran:
+    """What ran, by backend: `extension` (names of `_C` functions), `triton` (kernel names), `reference` (ops)."""
+
+    def __init__(self):
+        self.extension: list[str] = []
+        self.triton: list[str] = []
+        self.reference: list[str] = []
+
+    def backends(self) -> set[str]:
+        return {name for name in ("extension", "triton", "reference") if getattr(self, name)}
+
+
+def _spy(log: list, name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        log.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.fixture
+def ran(monkeypatch) -> Ran:
+    """Spies on every `_C` function, every Triton launch and the reference ops while the test runs."""
+    from waveclip_kernels import OPS, extension
+    from waveclip_kernels import reference as ref
+
+    record = Ran()
+    ext = extension.load()
+    if not isinstance(ext, ImportError):
+        for name in dir(ext):
+            fn = getattr(ext, name)
+            if not name.startswith("_") and callable(fn) and name != "has_cuda":
+                monkeypatch.setattr(ext, name, _spy(record.extension, name, fn))
+    for op in OPS:
+        monkeypatch.setattr(ref, op, _spy(record.reference, op, getattr(ref, op)))
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return record
+    for cls in (InterpretedFunction, JITFunction):
+        launch = cls.run
+
+        def run(self, *args, _launch=launch, **kwargs):
+            record.triton.append(self.fn.__name__)
+            return _launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return record
 
 
 # ------------------------------------------------------------------------------ KV-append cases

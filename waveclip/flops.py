@@ -266,7 +266,11 @@ def _kv_append_handle(inputs, outputs, cache_lens: Sequence[int] | None = None):
     """
     q, v, cache = _shape(inputs[0]), _shape(inputs[2]), _shape(inputs[3])
     B, H, n, D = q
-    lens = cache_lens if cache_lens is not None else _const(inputs[5])
+    lens = cache_lens
+    if lens is None and len(inputs) > 9:  # the checked host lengths of a planned call (int list constants)
+        lens = _const(inputs[9])
+    if lens is None:
+        lens = _const(inputs[5])
     if lens is None:
         warnings.warn(
             "waveclip::attention_with_kv_append: cache_lens is not known at trace time; counting each row "

@@ -231,7 +231,7 @@ class WaveCLIP(nn.Module):
 
     # ---------------------------------------------------------------------------- incremental pass
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def start(
         self, images: Tensor | None = None, impl: str | None = None, *, tokens: Sequence[Tensor] | None = None
     ) -> InferenceState:
@@ -265,7 +265,7 @@ class WaveCLIP(nn.Module):
         self._run_stage(state, 0, state.active)
         return state
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def refine(
         self, state: InferenceState, active: Tensor | Sequence | None = None, tokens: Tensor | None = None
     ) -> Tensor:
@@ -320,15 +320,17 @@ class WaveCLIP(nn.Module):
         full_batch = rows.numel() == state.batch_size
         batch_index = None if full_batch else rows
         tokens = state.tokens[s] if full_batch else state.tokens[s][rows]
-        lens = state.cache_lens if full_batch else state.cache_lens[rows]
+        # Rows that run stage s ran every stage before it: each cache row holds blocks < s. Checked
+        # once here, the plan serves every layer.
+        filled = sum(self.config.block_sizes[:s])
+        plan = wk.kv_append_plan([filled] * rows.numel(), batch_index, n, state.keys[0])
         x = self.ln_pre(self.embed_stage(s, tokens))
         for layer, block in enumerate(self.transformer.resblocks):
             attend = functools.partial(
                 wk.attention_with_kv_append,
                 k_cache=state.keys[layer],
                 v_cache=state.values[layer],
-                cache_lens=lens,
-                batch_index=batch_index,
+                cache_lens=plan,
                 impl=state.impl,
             )
             x = block(x, attend)

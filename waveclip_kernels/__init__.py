@@ -17,13 +17,16 @@ from .api import (
     wavelet_detokenize,
     wavelet_tokenize,
 )
+from .kvappend import KVAppendPlan, kv_append_plan
 
 __all__ = [
     "IMPLS",
     "OPS",
+    "KVAppendPlan",
     "attention_with_kv_append",
     "available_impls",
     "block_causal_attention",
+    "kv_append_plan",
     "resolve_impl",
     "wavelet_detokenize",
     "wavelet_tokenize",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from . import reference
+from . import kvappend, reference
 from .common import color_matrix, compute_dtype, stage_dims
 
 
@@ -105,6 +106,34 @@ def _detokenize_backward(ctx, grad):
 wavelet_detokenize.register_autograd(_detokenize_backward, setup_context=_detokenize_setup_context)
 
 
+def eager_direct(*tensors: Tensor) -> bool:
+    """Whether calling an attention op's body directly runs exactly what dispatching its custom op would:
+    plain tensors on a CPU or CUDA device, nothing for autograd to record, and no compiler, tracer,
+    profiler, mode or functorch transform that must see the op. (Dispatch costs ~20 us a call.)"""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        type(t) is Tensor and t.device.type in ("cpu", "cuda") and not (grad and t.requires_grad) for t in tensors
+    )
+
+
+def block_causal_body(
+    q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str
+) -> tuple[Tensor, Tensor]:
+    """What `waveclip::block_causal_attention` runs: (out, lse)."""
+    if impl == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend.block_causal_attention_forward(q, k, v, list(block_sizes), scale)
+    out = backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
+    return out, q.new_empty((0,), dtype=compute_dtype(q.dtype))
+
+
 @torch.library.custom_op("waveclip::block_causal_attention", mutates_args=())
 def block_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, block_sizes: list[int], scale: float, impl: str
@@ -112,12 +141,7 @@ def block_causal_attention(
     """(out, lse): lse is the per-row log-sum-exp the Triton backward reads, (B, H, N) in the
     accumulation dtype for impl="triton" and an empty tensor for the others (their backward
     recomputes what it needs)."""
-    if impl == "triton":
-        from . import triton as triton_backend
-
-        return triton_backend.block_causal_attention_forward(q, k, v, list(block_sizes), scale)
-    out = backend(impl).block_causal_attention(q, k, v, list(block_sizes), scale)
-    return out, q.new_empty((0,), dtype=compute_dtype(q.dtype))
+    return block_causal_body(q, k, v, block_sizes, scale, impl)
 
 
 @block_causal_attention.register_fake
@@ -224,6 +248,20 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 block_causal_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+def kv_append_body(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None):
+    """What `waveclip::attention_with_kv_append` runs. lens/rows: the checked host values of
+    cache_lens/batch_index (0..B-1 when batch_index is None), or None: then they are read and checked
+    here, before anything is written."""
+    if lens is None or rows is None:
+        lens, rows = kvappend.host_lens_rows(cache_lens, batch_index, q.shape[0], q.shape[2], k_cache)
+    if impl in ("cpu", "cuda"):  # the extension checks the memory overlaps itself (the same rules)
+        from . import extension
+
+        return extension.attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, lens, rows, scale)
+    kvappend.check_kv_memory(q, k_new, v_new, k_cache, v_cache)
+    return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+
+
 @torch.library.custom_op("waveclip::attention_with_kv_append", mutates_args=("k_cache", "v_cache"))
 def attention_with_kv_append(
     q: Tensor,
@@ -235,10 +273,43 @@ def attention_with_kv_append(
     batch_index: Tensor | None,
     scale: float,
     impl: str,
+    lens: list[int] | None = None,
+    rows: list[int] | None = None,
 ) -> Tensor:
-    return backend(impl).attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+    return kv_append_body(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens, rows)
 
 
 @attention_with_kv_append.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale, impl, lens=None, rows=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------- FLOP formulas
+# For torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs): QK^T and PV over the
+# (query, key) pairs each op computes, 2 * pairs * (D + Dv) per (batch, head), i.e. docs/design.md's
+# 4*B*H*D*sum_s n_s*P_s. The tokenizer and its inverse are linear maps of a few FLOPs per pixel
+# (waveclip.flops counts them); here they count 0, as FlopCounterMode counts other elementwise work.
+
+
+@register_flop_formula(torch.ops.waveclip.block_causal_attention)
+def _block_causal_flop(q_shape, k_shape, v_shape, block_sizes, *args, out_shape=None, **kwargs) -> int:
+    B, H, _, D = q_shape
+    pairs, prefix = 0, 0
+    for n in block_sizes:
+        prefix += n
+        pairs += n * prefix
+    return 2 * B * H * pairs * (D + v_shape[-1])
+
+
+@register_flop_formula(torch.ops.waveclip.attention_with_kv_append, get_raw=True)
+def _kv_append_flop(
+    q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index=None, scale=None, impl=None, lens=None, *args, **kwargs
+) -> int:
+    B, H, n, D = q.shape
+    keys = sum(lens) if lens is not None else int(cache_lens.sum())
+    return 2 * H * n * (keys + B * n) * (D + v_new.shape[-1])
+
+
+@register_flop_formula([torch.ops.waveclip.wavelet_tokenize, torch.ops.waveclip.wavelet_detokenize])
+def _tokenizer_flop(*args, **kwargs) -> int:
+    return 0

@@ -12,9 +12,11 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import _library
 from .common import FLOAT_DTYPES, image_size_error, normalize_grid, normalize_image_size, normalize_levels, stage_dims
+from .kvappend import KVAppendPlan, build_plan
 
 IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 OPS = ("wavelet_tokenize", "wavelet_detokenize", "block_causal_attention", "attention_with_kv_append")
@@ -28,7 +30,7 @@ AUTO_ORDER = {
     ("attention_with_kv_append", "cuda"): ("triton", "cuda", "reference"),
     ("wavelet_tokenize", "cpu"): ("cpu", "reference"),
     ("wavelet_detokenize", "cpu"): ("cpu", "reference"),
-    ("block_causal_attention", "cpu"): ("reference",),
+    ("block_causal_attention", "cpu"): ("cpu", "reference"),
     ("attention_with_kv_append", "cpu"): ("cpu", "reference"),
 }
 
@@ -80,15 +82,22 @@ def resolve_impl(impl: str, op: str, device: torch.device) -> str:
     """The concrete impl that will run; raises RuntimeError for an explicit impl that cannot."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        for candidate in AUTO_ORDER.get((op, device.type), ("reference",)):
-            if _unavailable_reason(candidate, op, device.type) is None:
-                return candidate
-        return "reference"
-    reason = _unavailable_reason(impl, op, device.type)
+    chosen, reason = _resolve(impl, op, torch.device(device).type)
     if reason is not None:
         raise RuntimeError(f'{op}: impl="{impl}" cannot run: {reason}')
-    return impl
+    return chosen
+
+
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, op: str, device_type: str) -> tuple[str, str | None]:
+    """(impl that runs, None) or (impl, why it cannot run). What is installed does not change while a
+    program runs, so `torch.compile` takes the answer as a constant instead of tracing the imports."""
+    if impl == "auto":
+        for candidate in AUTO_ORDER.get((op, device_type), ("reference",)):
+            if _unavailable_reason(candidate, op, device_type) is None:
+                return candidate, None
+        return "reference", None
+    return impl, _unavailable_reason(impl, op, device_type)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -205,6 +214,8 @@ def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
         raise ValueError(
             f"{names[0]} {tuple(q.shape)} and {names[1]} {tuple(k.shape)} must agree in batch, heads and head dim"
         )
+    if q.shape[3] < 1:
+        raise ValueError(f"the head dim (dim 3) must be at least 1, got {names[0]} {tuple(q.shape)}")
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -232,18 +243,42 @@ def block_causal_attention(q, k, v, block_sizes, scale: float | None = None, imp
     if not sizes or any(s <= 0 for s in sizes) or sum(sizes) != q.shape[2]:
         raise ValueError(f"block_sizes must be positive and sum to N={q.shape[2]}, got {list(block_sizes)}")
     chosen = resolve_impl(impl, "block_causal_attention", q.device)
-    return _library.block_causal_attention(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)[0]
+    op = _library.block_causal_body if _library.eager_direct(q, k, v) else _library.block_causal_attention
+    return op(q, k, v, sizes, _scale(scale, q.shape[-1]), chosen)[0]
 
 
-def _as_index(name: str, x, batch: int, device: torch.device) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.int64, device=device)
+def _check_index_tensor(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must hold int32 or int64 values, got {t.dtype}")
     if t.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    return t
+
+
+def _check_caches(q, k_new, v_new, k_cache, v_cache) -> None:
+    _check_qkv(("q", "k_new", "v_new"), q, k_new, v_new)
+    if q.shape != k_new.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k_new {tuple(k_new.shape)} must have one shape")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, cache, 4)
+        _same(name, cache, "q", q)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
+    if k_cache.shape[1] != q.shape[1] or k_cache.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} must match q {tuple(q.shape)} in heads (dim 1) and head dim (dim 3)"
+        )
+
+
+def _check_plan(plan: KVAppendPlan, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    B, _, n, _ = q.shape
+    made_for = (plan.batch, plan.new_tokens, plan.cache_rows, plan.cache_len)
+    if made_for != (B, n, k_cache.shape[0], k_cache.shape[2]) or plan.cache_lens.device != q.device:
+        raise ValueError(
+            f"the plan was made for (B, n, B_cache, N_max) = {made_for} on {plan.cache_lens.device}, but q is "
+            f"{tuple(q.shape)} and k_cache {tuple(k_cache.shape)} on {q.device}"
+        )
 
 
 def attention_with_kv_append(
@@ -262,8 +297,10 @@ def attention_with_kv_append(
     Args:
         q, k_new, v_new: (B, H, n, D).
         k_cache, v_cache: (B_cache, H, N_max, D) of q's dtype and device; written at [c, c+n).
-        cache_lens: (B,) int32/int64 (tensor or sequence): filled length c of each row before the
-            append. The caller advances it.
+        cache_lens: filled length c of each row before the append (the caller advances it): a (B,)
+            int32/int64 tensor (its values are read and checked inside the op, before it writes), a
+            sequence of B ints, or a `KVAppendPlan` from `kv_append_plan`, checked once for many calls
+            (the lengths and rows then come from the plan: leave batch_index None).
         batch_index: optional (B,) distinct ints in [0, B_cache): cache row of each query row.
         scale: softmax scale (default 1/sqrt(D)).
         impl: "auto", "triton", "cuda", "cpu" or "reference".
@@ -271,42 +308,30 @@ def attention_with_kv_append(
     Returns:
         (B, H, n, D) in q's dtype.
     """
-    _check_qkv(("q", "k_new", "v_new"), q, k_new, v_new)
-    if q.shape != k_new.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k_new {tuple(k_new.shape)} must have one shape")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, cache, 4)
-        _same(name, cache, "q", q)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
-    if k_cache.shape[1] != q.shape[1] or k_cache.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"k_cache {tuple(k_cache.shape)} must match q {tuple(q.shape)} in heads (dim 1) and head dim (dim 3)"
-        )
+    _check_caches(q, k_new, v_new, k_cache, v_cache)
     B, _, n, _ = q.shape
-    B_cache, _, n_max, _ = k_cache.shape
-    lens = _as_index("cache_lens", cache_lens, B, q.device)
-    lens_host = lens.tolist()
-    if batch_index is None:
-        if B > B_cache:
-            raise ValueError(f"q has batch {B} but the caches hold {B_cache} rows; pass batch_index")
-        rows = list(range(B))
+    if isinstance(cache_lens, KVAppendPlan):
+        if batch_index is not None:
+            raise ValueError("with a KVAppendPlan the rows come from the plan: pass batch_index to kv_append_plan")
+        _check_plan(cache_lens, q, k_cache)
+        plan = cache_lens
+    elif isinstance(cache_lens, torch.Tensor) and (batch_index is None or isinstance(batch_index, torch.Tensor)):
+        plan = None
+        _check_index_tensor("cache_lens", cache_lens, B, q.device)
+        if batch_index is None and B > k_cache.shape[0]:
+            raise ValueError(f"q has batch {B} but the caches hold {k_cache.shape[0]} rows; pass batch_index")
+        if batch_index is not None:
+            _check_index_tensor("batch_index", batch_index, B, q.device)
     else:
-        batch_index = _as_index("batch_index", batch_index, B, q.device)
-        rows = batch_index.tolist()
-        bad = [r for r in rows if not 0 <= r < B_cache]
-        if bad:
-            raise ValueError(f"batch_index values must lie in [0, {B_cache}), got {bad}")
-        if len(set(rows)) != len(rows):
-            dup = sorted({r for r in rows if rows.count(r) > 1})
-            raise ValueError(f"batch_index has duplicate cache rows {dup}: two appends would race on one row")
-    for b, c in enumerate(lens_host):
-        if c < 0 or c + n > n_max:
-            raise ValueError(
-                f"cache overflow: row {b} (cache row {rows[b]}) has cache_lens={c}, appending {n} "
-                f"needs {c + n} slots but N_max={n_max}"
-            )
+        plan = build_plan(cache_lens, batch_index, B, n, k_cache)
     chosen = resolve_impl(impl, "attention_with_kv_append", q.device)
-    return _library.attention_with_kv_append(
-        q, k_new, v_new, k_cache, v_cache, lens, batch_index, _scale(scale, q.shape[-1]), chosen
-    )
+    if plan is None:
+        lens_t, index_t, lens, rows = cache_lens, batch_index, None, None
+    else:
+        lens_t, index_t, lens, rows = plan.cache_lens, plan.batch_index, list(plan.lens), list(plan.rows)
+    args = (q, k_new, v_new, k_cache, v_cache, lens_t, index_t, _scale(scale, q.shape[-1]), chosen, lens, rows)
+    if not _library.eager_direct(q, k_new, v_new, k_cache, v_cache):
+        return _library.attention_with_kv_append(*args)
+    out = _library.kv_append_body(*args)
+    increment_version((k_cache, v_cache))  # as the custom op records its in-place writes
+    return out

@@ -9,7 +9,8 @@ import functools
 import importlib
 
 # Ops each build of the extension provides.
-CPU_OPS = ("wavelet_tokenize", "wavelet_detokenize", "attention_with_kv_append")
+CPU_OPS = ("wavelet_tokenize", "wavelet_detokenize", "block_causal_attention", "attention_with_kv_append")
+ATTENTION_OPS = ("block_causal_attention", "attention_with_kv_append")
 CUDA_OPS = ("wavelet_tokenize", "wavelet_detokenize", "attention_with_kv_append")
 
 
@@ -34,6 +35,8 @@ def unavailable_reason(op: str, impl: str) -> str | None:
         return f"the extension has no {impl} {op}"
     if impl == "cuda" and not ext.has_cuda():
         return "the extension was built without CUDA"
+    if impl == "cpu" and op in ATTENTION_OPS and not ext.cpu_attention_available():
+        return "this torch exports no BLAS sgemm_/dgemm_ for the CPU attention kernels"
     return None
 
 
@@ -62,8 +65,24 @@ def wavelet_detokenize(tokens: list, levels: int, grid: tuple[int, int], color: 
     return _ext().wavelet_detokenize(list(tokens), levels, grid[0], grid[1], color, image_size[0], image_size[1])
 
 
+def block_causal_attention(q, k, v, block_sizes: list, scale: float):
+    """Block-causal attention on the CPU: q, k, v (B, H, N, D) -> contiguous (B, H, N, D).
+
+    One job per (batch, head, block, query tile of <= 64 rows): scores against the block's prefix only
+    (masked pairs are never computed), softmax, then P V, through BLAS; fp16/bf16 compute in fp32.
+    The result does not depend on the thread count.
+    """
+    return _ext().block_causal_attention(q, k, v, list(block_sizes), scale)
+
+
 def attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale: float):
     """Writes k_new/v_new (B, H, n, D) into the caches at [c, c+n) of each row (in place), then
-    attends q to each row's prefix on views of the caches through ATen (matmul + softmax on the CPU,
-    whose result does not depend on the thread count; SDPA on CUDA). Returns (B, H, n, D)."""
+    attends q to each row's prefix [0, c+n) on the caches themselves (the CPU attention kernels; SDPA
+    on CUDA). Reads and checks cache_lens/batch_index. Returns (B, H, n, D)."""
     return _ext().attention_with_kv_append(q, k_new, v_new, k_cache, v_cache, cache_lens, batch_index, scale)
+
+
+def attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, lens: list, rows: list, scale: float):
+    """`attention_with_kv_append` with the lengths and (distinct) cache rows already checked on the host:
+    no index tensor is read; the C++ side checks shapes and bounds again (O(B))."""
+    return _ext().attention_with_kv_append_planned(q, k_new, v_new, k_cache, v_cache, list(lens), list(rows), scale)

@@ -97,6 +97,7 @@ def test_auto_and_public_api_use_the_extension():
     assert wk.resolve_impl("auto", "wavelet_tokenize", torch.device("cpu")) == "cpu"
     assert wk.resolve_impl("auto", "wavelet_detokenize", torch.device("cpu")) == "cpu"
     assert wk.resolve_impl("auto", "attention_with_kv_append", torch.device("cpu")) == "cpu"
+    assert wk.resolve_impl("auto", "block_causal_attention", torch.device("cpu")) == "cpu"
     x = torch.randn(2, 3, 32, 48)
     out = wk.wavelet_tokenize(x, 2, (2, 3), impl="cpu")
     for o, e in zip(out, ref.wavelet_tokenize(x, 2, (2, 3))):
@@ -114,6 +115,9 @@ def test_opcheck_with_the_extension():
     caches = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
     args = (q, k, v, *caches, torch.tensor([2, 5]), torch.tensor([2, 0]), 0.3, "cpu")
     torch.library.opcheck(_library.attention_with_kv_append, args)
+    torch.library.opcheck(_library.attention_with_kv_append, args, {"lens": [2, 5], "rows": [2, 0]})
+    qf, kf, vf = (torch.randn(2, 2, 7, 8, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(_library.block_causal_attention, (qf, kf, vf, [3, 4], 0.35, "cpu"))
 
 
 # ------------------------------------------------------------------------------------- inverse
@@ -199,13 +203,65 @@ def test_kv_append_empty_batch_writes_nothing(kv_case, guards):
     guards.check()
 
 
+# --------------------------------------------------------------------------- block-causal attention
+
+# (B, H, block sizes, D): blocks of size 1, a block of 130 rows (query tiles of 64, 64 and 2), N not a
+# multiple of anything, batch 0 and 1, head dims 1, 40 and 64.
+BLOCK_CASES = [
+    (2, 3, [1, 4, 1, 6], 16),
+    (1, 2, [130, 7], 40),
+    (3, 1, [5], 1),
+    (0, 2, [3, 2], 8),
+    (1, 12, [50, 50, 50, 50], 64),
+]
+
+
+def _masked_sdpa(q, k, v, sizes, scale, dtype=None):
+    cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
+    mask = ref.block_causal_mask(sizes)
+    return torch.nn.functional.scaled_dot_product_attention(cast(q), cast(k), cast(v), attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,sizes,D", BLOCK_CASES)
+def test_block_causal_matches_masked_sdpa(B, H, sizes, D, dtype):
+    q, k, v = (torch.randn(B, H, sum(sizes), D).to(dtype) for _ in range(3))
+    out = wk.block_causal_attention(q, k, v, sizes, scale=0.3, impl="cpu")
+    oracle = _masked_sdpa(q, k, v, sizes, 0.3, torch.float64)
+    assert out.is_contiguous()
+    assert_within_torch_error(out, oracle, _masked_sdpa(q, k, v, sizes, 0.3), dtype)
+
+
+def test_block_causal_non_contiguous_and_strided_inputs():
+    sizes = [3, 70, 2]
+    base = torch.randn(2, 4, 75, 16)
+    q = non_contiguous(base)  # head dim not unit-stride
+    k = torch.randn(2, 75, 4, 16).transpose(1, 2)  # (B, N, H, D) memory, as a fused QKV gives
+    v = torch.randn(1, 4, 75, 16).expand(2, 4, 75, 16)  # stride-0 batch
+    out = wk.block_causal_attention(q, k, v, sizes, impl="cpu")
+    assert_close(out, ref.block_causal_attention(q.double(), k.double(), v.double(), sizes).float())
+
+
+def test_block_causal_nan_in_a_later_block_stays_there():
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    v[0, 0, 8, 0] = float("nan")
+    k[0, 1, 9, 3] = float("inf")
+    out = wk.block_causal_attention(q, k, v, [4, 6], impl="cpu")
+    assert out[:, :, :4].isfinite().all()
+    assert out[0, 0, 4:, 0].isnan().all()
+
+
 # ------------------------------------------------------------------------------ thread independence
 
 
-def test_results_do_not_depend_on_the_thread_count(kv_case):
-    x = torch.randn(3, 3, 48, 72)
-    case = _kv_case(kv_case, torch.float32, n=5, D=8, lens=(4, 0, 11), batch_index=[2, 4, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
+    x = torch.randn(3, 3, 48, 72, dtype=dtype)
+    # 70 new rows: two query tiles per (batch, head).
+    case = kv_case(3, 2, 70, 8, 5, 96, [4, 0, 26], [2, 4, 0], dtype=dtype)
     q, k_new, v_new, k_cache, v_cache, lens, index = case.args()
+    # One job per (batch, head, query tile), for one (batch, head) and for many.
+    attention = [(torch.randn(1, 1, 9, 16, dtype=dtype), [9]), (torch.randn(2, 3, 150, 16, dtype=dtype), [20, 130])]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -215,7 +271,8 @@ def test_results_do_not_depend_on_the_thread_count(kv_case):
             image = extension.wavelet_detokenize(tokens, 2, (3, 3), "ycbcr", (48, 72))
             kc, vc = k_cache.clone(), v_cache.clone()
             out = extension.attention_with_kv_append(q, k_new, v_new, kc, vc, lens, index, 0.5)
-            results.append([*tokens, image, out, kc, vc])
+            full = [extension.block_causal_attention(a, a * 2, a.flip(2), sizes, 0.3) for a, sizes in attention]
+            results.append([*tokens, image, out, kc, vc, *full])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -292,7 +349,7 @@ def _kv_args(**change):
         ({"k_cache": torch.randn(3, 1, 8, 4), "v_cache": torch.randn(3, 1, 8, 4)}, ValueError, "in heads"),
         ({"k_cache": torch.randn(3, 2, 8, 4, device="meta")}, ValueError, "k_cache must be a CPU or CUDA tensor"),
         ({"cache_lens": torch.tensor([0, 6])}, ValueError, r"cache overflow: row 1 \(cache row 1\) has cache_lens=6"),
-        ({"cache_lens": torch.tensor([-1, 0])}, ValueError, "cache overflow: row 0"),
+        ({"cache_lens": torch.tensor([-1, 0])}, ValueError, r"cache_lens\[0\] = -1 must be >= 0"),
         ({"cache_lens": torch.tensor([0, 2**62])}, ValueError, "cache overflow: row 1"),
         ({"cache_lens": torch.tensor([0.0, 1.0])}, TypeError, "cache_lens must hold int32 or int64"),
         ({"cache_lens": torch.tensor([0])}, ValueError, r"cache_lens must have shape \(2,\)"),

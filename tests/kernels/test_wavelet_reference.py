@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import pywt_tokens
 
 import waveclip_kernels as wk
 from waveclip_kernels.common import YCBCR_FROM_RGB
@@ -19,24 +20,6 @@ CASES = [  # (levels, grid, (H, W))
     (4, (1, 2), (32, 64)),
     (4, (3, 3), (96, 144)),
 ]
-
-
-def pywt_tokens(images: np.ndarray, levels: int, grid, color: str) -> list[np.ndarray]:
-    """Independent tokenization: numpy colour transform, pywt.wavedec2, docs/design.md's rearrangement."""
-    pywt = pytest.importorskip("pywt")  # imported here so that the module collects where pywt is absent
-    if color == "ycbcr":
-        images = np.einsum("oc,bchw->bohw", np.array(YCBCR_FROM_RGB), images)
-    coeffs = pywt.wavedec2(images, "haar", level=levels, axes=(-2, -1))
-    stages = [coeffs[0]] + [
-        np.stack(bands, axis=2).reshape(images.shape[0], 9, *bands[0].shape[-2:]) for bands in coeffs[1:]
-    ]
-    gh, gw = grid
-    out = []
-    for s in stages:
-        B, Cn, h, w = s.shape
-        t = s.reshape(B, Cn, gh, h // gh, gw, w // gw).transpose(0, 2, 4, 1, 3, 5)
-        out.append(t.reshape(B, gh * gw, -1))
-    return out
 
 
 @pytest.mark.parametrize("levels,grid,size", CASES)
