@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import waveclip_kernels as wk
+from bench import bench_attention, bench_tokenizer
 from waveclip_kernels.reference import attention as ref
-
-from . import bench_attention, bench_tokenizer
 
 DEVICE = torch.device("cpu")
 TOKENIZER_CASE = bench_tokenizer.Case(8, 224)
