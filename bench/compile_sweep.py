@@ -49,7 +49,8 @@ LOW_PRECISION = ("float16", "bfloat16")
 FP32_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 COLUMNS = (
     "kernel", "workload", "config", "kept", "dtype", "fp32_precision", "head_dim", "shared_bytes", "registers",
-    "spill_stores", "spill_loads", "compile_s", "verdict", "note",
+    "spill_stores", "spill_loads", "dot_precisions", "scale_type", "ttir_f32", "loads_without_other", "compile_s",
+    "verdict", "note",
 )  # fmt: skip
 DEFAULT_CSV = pathlib.Path(__file__).resolve().parent / "results" / "compile" / "sm90.csv"
 ROW_MARK = "@@sweep-row "
@@ -68,6 +69,10 @@ def _workloads():
         q = torch.empty(2, 12, 200, d, dtype=dtype)  # the 224 preset: 4 blocks of 50
         T.block_causal_attention(q, q, q, [50] * 4, d**-0.5)
 
+    def block_causal_backward(dtype, d):  # delta preprocess, dK/dV, dQ
+        q, lse = torch.empty(2, 12, 200, d, dtype=dtype), torch.empty(2, 12, 200, dtype=_acc(dtype))
+        T.block_causal_attention_backward(q, q, q, q, q, lse, [50] * 4, d**-0.5)
+
     def kv_append(dtype, d):
         q, cache = torch.empty(2, 12, 50, d, dtype=dtype), torch.empty(2, 12, 256, d, dtype=dtype)
         T.attention_with_kv_append(q, q, q, cache, cache.clone(), torch.tensor([50, 100]), None, d**-0.5, num_splits=1)
@@ -85,10 +90,17 @@ def _workloads():
 
     return {
         "block_causal": (True, block_causal),
+        "block_causal_backward": (True, block_causal_backward),
         "kv_append": (True, kv_append),
         "kv_append_split": (True, kv_append_split),
         "tokenizer": (False, tokenizer),
     }
+
+
+def _acc(dtype):
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class H200:
@@ -118,7 +130,7 @@ _PTXAS = {
 }
 
 # constexprs that follow from the inputs (dtype, head dim), not from the config
-_DERIVED = ("HEAD_DIM", "D_PAD", "UPCAST", "ACC", "COMPUTE")
+_DERIVED = ("HEAD_DIM", "D_PAD", "UPCAST", "ACC", "COMPUTE", "DOT_PRECISION")
 
 
 def _label(meta: dict, constexprs: set[str]) -> str:
@@ -127,13 +139,55 @@ def _label(meta: dict, constexprs: set[str]) -> str:
     return " ".join([*parts, f"warps={meta.get('num_warps', 4)}", f"stages={meta.get('num_stages', 3)}"])
 
 
+def _ttir_facts(kernel) -> dict:
+    """What the Triton IR says: dot input precisions (IEEE is not printed), the scale argument's type,
+    whether f32 appears anywhere (it must not in a float64 kernel: a Python float argument is typed
+    fp32), and masked loads without `other=` (their masked-off lanes are undefined on a GPU)."""
+    ttir = kernel.asm["ttir"]
+    loads = [line.split("tt.load", 1)[1].split(" : ")[0] for line in ttir.splitlines() if "tt.load" in line]
+    return {
+        "dot_precisions": " ".join(sorted(set(re.findall(r"inputPrecision = (\w+)", ttir)))),
+        "scale_type": str(kernel.src.signature.get("scale_ptr", "")),
+        "ttir_f32": "f32" in ttir,
+        "loads_without_other": sum(1 for operands in loads if len(operands.split(",")) == 2),
+    }
+
+
 def _emit(row: dict) -> None:
     print(ROW_MARK + json.dumps(row), flush=True)
 
 
-def run_workload(name: str, dtype_name: str, head_dim: int | None, all_configs: bool = False) -> None:
+def _largest(configs: list, kernel: str, dtype, head_dim: int) -> list:
+    """The one config of `configs` with the largest shared-memory estimate (attention kernels)."""
+    from waveclip_kernels.triton import attention as A
+
+    family = ESTIMATED[kernel]
+    return [
+        max(
+            configs,
+            key=lambda c: A.shared_memory_estimate(
+                family, dtype, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+            ),
+        )
+    ]
+
+
+# autotuned kernels -> their family in `attention.shared_memory_estimate`
+ESTIMATED = {
+    "_block_causal_fwd_kernel": "forward",
+    "_attn_kv_append_kernel": "kv_append",
+    "_bwd_dq_kernel": "backward_dq",
+    "_bwd_dkdv_kernel": "backward_dkdv",
+}
+
+
+def run_workload(
+    name: str, dtype_name: str, head_dim: int | None, pick: str = "kept", precisions: list[str] | None = None
+) -> None:
     """Compile every launch of one workload; print one marked JSON row per config (this process).
-    Configs the pruning drops are listed, and compiled only with `all_configs`."""
+    `pick`: "kept" compiles the configs the pruning keeps and lists the others, "all" compiles those
+    too, "largest" compiles only the kept config with the largest shared-memory estimate. float32
+    runs under each of `precisions` (torch float32 matmul precisions; default all three)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     import torch
@@ -162,6 +216,7 @@ def run_workload(name: str, dtype_name: str, head_dim: int | None, all_configs: 
         seen.add((row["kernel"], row["config"]))
         row["compile_s"] = round(time.perf_counter() - start, 2)
         row["shared_bytes"] = kernel.metadata.shared
+        row.update(_ttir_facts(kernel))
         for key, pattern in _PTXAS.items():
             found = pattern.findall(log.getvalue())
             row[key] = max(map(int, found)) if found else ""
@@ -179,8 +234,11 @@ def run_workload(name: str, dtype_name: str, head_dim: int | None, all_configs: 
             kept = {}
         candidates = {str(c): c for c in self.configs}
         candidates.update(kept)  # a pruning function may make up configs of its own
+        if pick == "largest" and kept:
+            kept = {str(c): c for c in _largest(list(kept.values()), self.base_fn.__name__, dtype, head_dim)}
+            candidates = dict(kept)
         for text, config in candidates.items():
-            if text not in kept and not all_configs:
+            if text not in kept and pick != "all":
                 label = _label({**config.kwargs, **config.all_kwargs()}, set(config.kwargs))
                 _emit(dict(base, kernel=self.base_fn.__name__, config=label, kept=False, note="not compiled"))
                 continue
@@ -193,12 +251,13 @@ def run_workload(name: str, dtype_name: str, head_dim: int | None, all_configs: 
         self.nargs = None
 
     JITFunction.run, Autotuner.run = compile_only, every_config
-    # float32 runs under each of torch's float32 matmul precisions, in case a launcher follows it;
+    # float32 runs under each of torch's float32 matmul precisions (the attention dots follow it);
     # a precision that yields the same binary adds no row.
-    for precision in FP32_PRECISIONS if dtype_name == "float32" else ("highest",):
+    dtype = getattr(torch, dtype_name)
+    for precision in (precisions or FP32_PRECISIONS) if dtype_name == "float32" else ("highest",):
         torch.set_float32_matmul_precision(precision)
         base["fp32_precision"] = precision if dtype_name == "float32" else ""
-        _workloads()[name][1](getattr(torch, dtype_name), head_dim)
+        _workloads()[name][1](dtype, head_dim)
 
 
 def kernels_of_backend() -> set[str]:
@@ -232,11 +291,11 @@ def _tasks(dtypes: list[str], head_dims: list[int], only: list[str] | None) -> l
     return sorted(tasks, key=lambda t: (rank[t[1]], -(t[2] or 0)))
 
 
-def _run_task(task, cache_root: str, timeout_s: float, all_configs: bool) -> list[dict]:
+def _run_task(task, cache_root: str, timeout_s: float, pick: str, precisions) -> list[dict]:
     name, dtype, d = task
     env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(dir=cache_root))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "bench.compile_sweep", "--one", json.dumps([*task, all_configs])]
+    cmd = [sys.executable, "-m", "bench.compile_sweep", "--one", json.dumps([*task, pick, precisions])]
     base = {"workload": name, "dtype": dtype, "head_dim": d if d is not None else ""}
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -289,8 +348,19 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_rows(tasks, jobs: int = 1, pick: str = "kept", precisions=None, timeout_s: float = 1500):
+    """Compile `tasks` ((workload, dtype name, head dim or None) each) for sm_90 in `jobs` parallel
+    processes, each with a fresh Triton cache; yields the judged rows as workloads finish. `pick` and
+    `precisions` as in `run_workload`."""
+    # each thread of the pool waits on one subprocess
+    with tempfile.TemporaryDirectory(prefix="triton-sweep-") as cache_root, futures.ThreadPoolExecutor(jobs) as pool:
+        pending = [pool.submit(_run_task, t, cache_root, timeout_s, pick, precisions) for t in tasks]
+        for done in futures.as_completed(pending):
+            yield from map(judge, done.result())
+
+
 def sweep(
-    dtypes, head_dims, jobs: int, csv_path: pathlib.Path, only=None, timeout_s: float = 1500, all_configs=False
+    dtypes, head_dims, jobs: int, csv_path: pathlib.Path, only=None, timeout_s: float = 1500, pick: str = "kept"
 ) -> int:
     """Run the sweep; print the table; write the CSV row by row; return the exit status."""
     tasks = _tasks(dtypes, head_dims, only)
@@ -298,19 +368,16 @@ def sweep(
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"compile sweep for sm_90: {len(tasks)} workloads on {jobs} processes -> {csv_path}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="triton-sweep-") as cache_root, csv_path.open("w", newline="") as f:
+    with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        with futures.ThreadPoolExecutor(jobs) as pool:  # each thread waits on one subprocess
-            pending = [pool.submit(_run_task, t, cache_root, timeout_s, all_configs) for t in tasks]
-            for done in futures.as_completed(pending):
-                for row in map(judge, done.result()):
-                    rows.append(row)
-                    writer.writerow(row)
-                    f.flush()
-                    mark = "  <-- " + row["note"] if row["verdict"] in ("FAIL", "error") else ""
-                    print(f"  {row['kernel']:26} {row['dtype']:9} d={row['head_dim']!s:4} {row['config']:55} "
-                          f"{row['verdict']}{mark}", flush=True)  # fmt: skip
+        for row in compile_rows(tasks, jobs, pick, timeout_s=timeout_s):
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()
+            mark = "  <-- " + row["note"] if row["verdict"] in ("FAIL", "error") else ""
+            print(f"  {row['kernel']:26} {row['dtype']:9} d={row['head_dim']!s:4} {row['config']:55} "
+                  f"{row['verdict']}{mark}", flush=True)  # fmt: skip
     order = {n: i for i, n in enumerate(_workloads())}
     rows.sort(key=lambda r: (order.get(r["workload"], 99), r["kernel"], r["dtype"], str(r["head_dim"]), r["config"]))
     with csv_path.open("w", newline="") as f:  # the same rows, sorted
@@ -350,7 +417,8 @@ def main(argv=None) -> int:
         run_workload(*json.loads(args.one))
         return 0
     dtypes = [DTYPES[d] for d in args.dtypes]
-    return sweep(dtypes, args.head_dims, max(1, args.jobs), args.csv, args.workloads, args.timeout, args.all_configs)
+    pick = "all" if args.all_configs else "kept"
+    return sweep(dtypes, args.head_dims, max(1, args.jobs), args.csv, args.workloads, args.timeout, pick)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@
 #   3. build the C++/CUDA extension in place against this python's torch, while bench.gpu_warmup
 #      compiles every Triton kernel variant of the tests and benchmarks on all cores (Triton's cache)
 #   4. parity: the GPU tests, named by file, compiled Triton (TRITON_INTERPRET=0) -> parity.xml
-#   5. benchmarks (tokenizer, attention; model and gate where open_clip imports), each CSV written
-#      row by row; the model in bf16 autocast on CUDA; then every kernel's error against PyTorch's own
+#   5. benchmarks (tokenizer, attention; model and gate where open_clip imports; the training step),
+#      each CSV written row by row; the model in bf16 autocast on CUDA; then every kernel's error
+#      against PyTorch's own
 #
 # $OUT receives at most 8 files, none deeper than 2 folders: gpu_check.log, parity.xml,
 # README_tables.md and results.tar.gz (the CSVs, PNGs and the warm-up log), refreshed after each phase.
@@ -187,11 +188,13 @@ pack
 phase "parity tests"
 if [[ "$DRY" == 1 ]]; then
     export TRITON_INTERPRET=1
-    PARITY_FILES=(tests/kernels/test_triton_grid_order.py tests/kernels/test_triton_gpu.py)
+    PARITY_FILES=(tests/kernels/test_triton_grid_order.py tests/kernels/test_triton_gpu.py
+                  tests/kernels/test_attention_grad_gpu.py)
     MARK=()
 else
     export TRITON_INTERPRET=0
-    PARITY_FILES=(tests/kernels/test_triton_gpu.py tests/kernels/test_extension.py)
+    PARITY_FILES=(tests/kernels/test_triton_gpu.py tests/kernels/test_attention_grad_gpu.py
+                  tests/kernels/test_extension.py)
     MARK=(-m gpu)
 fi
 # tests/conftest.py must keep an explicit TRITON_INTERPRET (it only sets a default).
@@ -228,18 +231,28 @@ pack
 if [[ "$DRY" == 1 ]]; then
     unset TRITON_INTERPRET
     BENCH=(--device cpu --quick --threads 1)
+    TRAINING=(--device cpu --quick --threads 1)
 else
     BENCH=(--device cuda)
+    TRAINING=(--device cuda --budget-s 0.5)
 fi
 OPS=(tokenizer attention)
 ((OPEN_CLIP)) && OPS+=(model gate)
-phase "benchmarks (${OPS[*]}) -> $RESULTS"
+phase "benchmarks (${OPS[*]} training) -> $RESULTS"
 for op in "${OPS[@]}"; do
     if ! t=$(limit 60); then echo "SKIPPED $op: the time budget is spent"; BENCH_OK=0; continue; fi
     echo "--- $op (timeout ${t}s)"
     timeout "$t" "$PY" -m waveclip bench "${BENCH[@]}" --op "$op" --out "$RESULTS" || { echo "FAILED: bench $op"; BENCH_OK=0; }
     pack
 done
+if t=$(limit 120); then   # forward + backward: the fused kernels against SDPA and FlexAttention
+    echo "--- training (timeout ${t}s)"
+    timeout "$t" "$PY" -m bench.bench_training "${TRAINING[@]}" --out "$RESULTS" || { echo "FAILED: bench training"; BENCH_OK=0; }
+    pack
+else
+    echo "SKIPPED training: the time budget is spent"
+    BENCH_OK=0
+fi
 "$PY" -m bench.tables "$RESULTS" --check-errors || { echo "FAILED: a kernel's error exceeds 2x PyTorch's own"; BENCH_OK=0; }
 pack
 

@@ -23,8 +23,10 @@ import os
 import sys
 import time
 
-# (what, dtype, args): the shapes the GPU tests (tests/kernels/test_triton_gpu.py) and the CUDA
-# benchmarks (bench_attention.GPU_CASES, bench_tokenizer.GPU_CASES) launch.
+# (what, dtype, args): the shapes the GPU tests (tests/kernels/test_triton_gpu.py,
+# test_attention_grad_gpu.py) and the CUDA benchmarks (bench_attention.GPU_CASES,
+# bench_tokenizer.GPU_CASES, bench_training.GPU_CASES) launch. "block_causal_grad" is the forward
+# (with its log-sum-exp) and the backward's three kernels; float32 at torch's default ("highest").
 LOW = ("float16", "bfloat16")
 ALL = ("float16", "bfloat16", "float32", "float64")
 
@@ -34,6 +36,7 @@ def variants(dry_run: bool) -> list[tuple[str, str, tuple]]:
         return [
             ("block_causal", "bfloat16", (12, (16, 16, 16), 64)),
             ("kv_append", "bfloat16", (1, 12, 16, 32, 64, 64, False)),
+            ("block_causal_grad", "bfloat16", (12, (16, 16, 16), 64)),
             ("tokenize", "float32", ((64, 64), 2, (4, 4))),
         ]
     out = []
@@ -47,6 +50,11 @@ def variants(dry_run: bool) -> list[tuple[str, str, tuple]]:
         out += [("kv_append", "float16", (B, 12, n, s * n, 4 * n, 64, False)) for s in (1, 2, 3)]
     for dtype in ("float32", "float16", "bfloat16"):
         out += [("tokenize", dtype, ((224, 224), 3, (7, 7))), ("tokenize", dtype, ((448, 448), 3, (14, 14)))]
+    for dtype in LOW:  # the gradient tests: a 1-token first block, then stages of s tokens
+        out += [("block_causal_grad", dtype, (12, (1, s - 1, s, s, s), d)) for s, d in ((197, 64), (50, 80), (97, 128))]
+    out += [("block_causal_grad", dtype, (3, (1, 99, 57, 143), 64)) for dtype in ("float32", "float64")]
+    # the training benchmark (its attention cases and both towers) and the peak-memory test, bf16
+    out += [("block_causal_grad", "bfloat16", (12, (s,) * 4, 64)) for s in (50, 197, 394)]
     return out
 
 
@@ -91,6 +99,11 @@ def _run(variant: tuple[str, str, tuple], dry_run: bool) -> tuple[str, float, st
             heads, blocks, d = args
             q = torch.empty(1, heads, sum(blocks), d, dtype=dtype, device=device)
             T.block_causal_attention(q, q, q, list(blocks), d**-0.5)
+        elif what == "block_causal_grad":
+            heads, blocks, d = args
+            q = torch.empty(1, heads, sum(blocks), d, dtype=dtype, device=device)
+            out, lse = T.block_causal_attention_forward(q, q, q, list(blocks), d**-0.5)
+            T.block_causal_attention_backward(q, q, q, q, out, lse, list(blocks), d**-0.5)
         elif what == "kv_append":
             B, heads, n, lens, n_max, d, indexed = args
             b = min(B, 2)

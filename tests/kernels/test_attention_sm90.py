@@ -2,163 +2,73 @@
 
 What a GPU would reject and the interpreter accepts: shared memory over the per-block limit, a
 float64 kernel that computes in float32 somewhere (a Python float argument is typed fp32 when
-compiled), masked loads that leave lanes undefined, the wrong fp32 dot precision. `COMPILE` compiles
-every config the pruning keeps (or the one with the largest estimate) under a fake sm_90 driver and
-reports, per kernel and config: `kernel.metadata.shared`, the argument signature, whether the TTIR
-mentions f32, its masked loads without `other`, the dot input precisions and, on request, ptxas's
-register and spill counts. Cold compiles take seconds per config (fp32 tens): these tests are slow.
+compiled), masked loads that leave lanes undefined, the wrong fp32 dot precision. The compiles go
+through `bench.compile_sweep` (the same machinery as `make compile-sweep`): every config the pruning
+keeps, or the one with the largest shared-memory estimate, under a stand-in sm_90 driver, with
+`kernel.metadata.shared`, ptxas's registers and spills and what the Triton IR says, per kernel and
+config. Cold compiles take seconds per config (fp32 tens): these tests are slow.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from bench import compile_sweep
 from waveclip_kernels.triton import attention as tri_attention
 
-COMPILE = r"""
-import json, os, re, subprocess, sys, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.runtime import driver
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
+ATTENTION_WORKLOADS = ("block_causal", "block_causal_backward", "kv_append", "kv_append_split")
+ATTENTION_KERNELS = {
+    "_block_causal_fwd_kernel",
+    "_bwd_preprocess_kernel",
+    "_bwd_dkdv_kernel",
+    "_bwd_dq_kernel",
+    "_attn_kv_append_kernel",
+    "_combine_splits_kernel",
+}
+MATMUL = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}  # dot precision -> torch's setting
 
 
-class H200:  # what the launch path asks of a driver, for an sm_90 target
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-driver.set_active(H200())
-from waveclip_kernels.triton import attention as A
-
-launch = JITFunction.run
-records, state = [], {}
+def compile_sm90(dtype: str, head_dim: int, workloads=ATTENTION_WORKLOADS, precision: str | None = None) -> list:
+    """Rows of `bench.compile_sweep` (largest kept config per autotuned launch) at one dtype and head
+    dim; every row must have compiled within the sweep's rules."""
+    tasks = [(w, dtype, head_dim) for w in workloads]
+    precisions = [MATMUL[precision]] if precision else None
+    rows = list(compile_sweep.compile_rows(tasks, jobs=2, pick="largest", precisions=precisions, timeout_s=900))
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    assert rows and not bad, bad
+    return rows
 
 
-def masked_without_other(ttir):
-    loads = [line.split("tt.load", 1)[1].split(" : ")[0] for line in ttir.splitlines() if "tt.load" in line]
-    return sum(1 for operands in loads if len(operands.split(",")) == 2)
-
-
-def ptxas_resources(ptx):
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        open(src, "w").write(ptx)
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.findall(r"(\d+) bytes spill stores", log)
-    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(map(int, spills))}
-
-
-def compile_only(self, *args, grid, warmup, **kwargs):
-    kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-    ttir = kernel.asm["ttir"]
-    record = {
-        "kernel": state["kernel"],
-        "name": kernel.name,
-        "dtype": state["dtype"],
-        "head_dim": state["head_dim"],
-        "precision": state["precision"],
-        "config": {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in kwargs},
-        "shared": kernel.metadata.shared,
-        "signature": {k: str(v) for k, v in kernel.src.signature.items()},
-        "ttir_f32": "f32" in ttir,
-        "masked_loads_without_other": masked_without_other(ttir),
-        "dot_precisions": sorted(set(re.findall(r"inputPrecision = (\w+)", ttir))),
-    }
-    if state["spills"]:
-        record.update(ptxas_resources(kernel.asm["ptx"]))
-    records.append(record)
-    return kernel
-
-
-def tuned(self, *args, **kwargs):
-    self.nargs = dict(zip(self.arg_names, args))
-    configs = self.prune_configs(kwargs)
-    if state["pick"] == "largest":
-        def estimate(c):
-            return A.shared_memory_estimate(state["kernel"], state["torch_dtype"], state["head_dim"],
-                                            c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)
-        configs = [max(configs, key=estimate)]
-    for config in configs:
-        self.fn.run(*args, **kwargs, **config.all_kwargs())
-
-
-def named_launch(kernel, tuned_kernel, name, grid_of, args, meta):
-    state["kernel"] = name
-    if name in state["kernels"]:
-        tuned_kernel[grid_of](*args, **meta)
-
-
-JITFunction.run, Autotuner.run, A._launch = compile_only, tuned, named_launch
-MATMUL = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}
-for case in json.loads(sys.argv[1]):
-    dtype = getattr(torch, case["dtype"])
-    torch.set_float32_matmul_precision(MATMUL[case.get("precision", "ieee")])
-    state.update(case, torch_dtype=dtype, precision=A.dot_precision(dtype), spills=case.get("spills", False))
-    q = torch.randn(1, 2, 100, case["head_dim"], dtype=dtype)
-    blocks = [25, 25, 50]
-    out, lse = A.block_causal_attention_forward(q, q, q, blocks, 0.125)
-    A.block_causal_attention_backward(q, q, q, q, out, lse, blocks, 0.125)
-    cache = torch.randn(1, 2, 256, case["head_dim"], dtype=dtype)
-    A.attention_with_kv_append(q, q, q, cache, cache.clone(), torch.tensor([5]), None, 0.125, num_splits=1)
-print("RECORDS " + json.dumps(records))
-"""
-
-ALL_KERNELS = list(tri_attention.KERNELS)
-
-
-def compile_sm90(cases: list[dict]) -> list[dict]:
-    """Run COMPILE on `cases` ({dtype, head_dim, pick: "all"|"largest", kernels, precision?, spills?})."""
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE, json.dumps(cases)], capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RECORDS "))
-    return json.loads(line.removeprefix("RECORDS "))
+def tile(row: dict) -> dict:
+    """A row's config text ("BLOCK_M=64 BLOCK_N=32 warps=4 stages=2") as ints."""
+    return {k: int(v) for k, v in (part.split("=") for part in row["config"].split())}
 
 
 @pytest.mark.slow
-def test_kept_configs_fit_shared_memory_and_stay_fp64():
-    """The largest kept config of every kernel, at head dim 128 (bf16, fp64) and 80 (fp64), needs no
-    more shared memory than the estimate and the sm_90 limit; fp64 kernels carry an fp64 scale and no
-    f32 anywhere; no masked load leaves lanes undefined."""
-    cases = [
-        {"dtype": "bfloat16", "head_dim": 128, "pick": "largest", "kernels": ALL_KERNELS},
-        {"dtype": "float64", "head_dim": 128, "pick": "largest", "kernels": ALL_KERNELS},
-        {"dtype": "float64", "head_dim": 80, "pick": "largest", "kernels": ALL_KERNELS},
-    ]
-    records = compile_sm90(cases)
-    assert sorted({r["kernel"] for r in records}) == sorted(ALL_KERNELS)
-    assert len([r for r in records if "BLOCK_N" in r["config"]]) == 3 * len(ALL_KERNELS)
-    for r in records:
-        c = r["config"]
-        assert r["masked_loads_without_other"] == 0, r
-        if "BLOCK_N" in c:
-            dtype = getattr(torch, r["dtype"])
-            estimate = tri_attention.shared_memory_estimate(
-                r["kernel"], dtype, r["head_dim"], c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]
-            )
-            assert r["shared"] <= estimate <= tri_attention.SHARED_MEMORY_LIMIT, r
-        if r["dtype"] == "float64":
-            assert not r["ttir_f32"], f"{r['name']} computes in f32 somewhere"
-            if "scale_ptr" in r["signature"]:
-                assert r["signature"]["scale_ptr"] == "*fp64"
+@pytest.mark.parametrize("dtype,head_dim", [("bfloat16", 128), ("float64", 128), ("float64", 80)])
+def test_kept_configs_fit_shared_memory_and_stay_fp64(dtype, head_dim):
+    """The largest kept config of every attention kernel needs no more shared memory than the
+    estimate and the sm_90 limit; fp64 kernels carry an fp64 scale and no f32 anywhere; no masked
+    load leaves lanes undefined."""
+    rows = compile_sm90(dtype, head_dim)
+    assert {r["kernel"] for r in rows} == ATTENTION_KERNELS
+    tuned = [r for r in rows if r["kernel"] in compile_sweep.ESTIMATED]
+    assert len(tuned) == 5  # one config per autotuned launch: forward, dK/dV, dQ, KV append twice
+    for r in rows:
+        assert r["loads_without_other"] == 0, r
+        assert r["shared_bytes"] <= tri_attention.SHARED_MEMORY_LIMIT, r
+        if dtype == "float64":
+            assert not r["ttir_f32"], f"{r['kernel']} computes in f32 somewhere"
+            if r["scale_type"]:
+                assert r["scale_type"] == "*fp64", r
+    for r in tuned:
+        c = tile(r)
+        family = compile_sweep.ESTIMATED[r["kernel"]]
+        estimate = tri_attention.shared_memory_estimate(
+            family, getattr(torch, dtype), head_dim, c["BLOCK_M"], c["BLOCK_N"], c["stages"]
+        )
+        assert r["shared_bytes"] <= estimate <= tri_attention.SHARED_MEMORY_LIMIT, r
 
 
 @pytest.mark.slow
@@ -166,22 +76,13 @@ def test_kept_configs_fit_shared_memory_and_stay_fp64():
 def test_fp32_forward_follows_matmul_precision_and_spill_budget(precision, max_spill):
     """fp32 forward at head dim 64: the dots take the precision torch asks for; the tensor-core path
     spills nothing, the IEEE (CUDA-core) path at most `max_spill` bytes (it spilled KBs at 64 x 64)."""
-    case = {
-        "dtype": "float32",
-        "head_dim": 64,
-        "pick": "largest",
-        "kernels": ["forward"],
-        "precision": precision,
-        "spills": True,
-    }
-    (record,) = [r for r in compile_sm90([case]) if r["name"] == "_block_causal_fwd_kernel"]
+    rows = compile_sm90("float32", 64, workloads=["block_causal"], precision=precision)
+    (record,) = [r for r in rows if r["kernel"] == "_block_causal_fwd_kernel"]
+    assert record["fp32_precision"] == MATMUL[precision]
     # TTIR prints a dot's inputPrecision only when it is not the default, IEEE
-    assert record["dot_precisions"] == ([] if precision == "ieee" else [precision])
-    print(
-        f"fp32 {precision} forward {record['config']}:",
-        f"{record['registers']} registers, {record['spill_bytes']} B spilled",
-    )
-    assert record["spill_bytes"] <= max_spill, record
+    assert record["dot_precisions"] == ("" if precision == "ieee" else precision)
+    print(f"fp32 {precision} forward {record['config']}: {record['registers']} registers,", record["spill_stores"], "B")
+    assert record["spill_stores"] <= max_spill, record
 
 
 # --------------------------------------------------------------- host-side rules, no compile
@@ -201,8 +102,25 @@ def test_every_kept_config_fits_the_estimate(kernel, dtype, head_dim):
             )
             assert estimate <= tri_attention.SHARED_MEMORY_LIMIT
             assert min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 16  # the smallest GPU dot
+            if dtype in (torch.float16, torch.bfloat16):
+                registers = tri_attention.register_estimate(
+                    kernel, dtype, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+                )
+                assert registers <= tri_attention.HALF_REGISTER_BUDGET
         if precision == "ieee" and dtype == torch.float32:
             assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64 for c in configs)
+
+
+def test_half_configs_that_spilled_are_rejected():
+    """The bf16/fp16 configs that spilled at head dim 80 and 128 on sm_90 (make compile-sweep) are
+    pruned there and kept at head dim 64, where they did not spill."""
+    spilled = {"backward_dkdv": (64, 64, 4, 2), "kv_append": (128, 32, 4, 3)}
+    for kernel, config in spilled.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            for head_dim, kept in ((64, True), (80, False), (128, False)):
+                configs = tri_attention.attention_configs(kernel, dtype, head_dim)
+                found = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+                assert (config in found) == kept, (kernel, dtype, head_dim)
 
 
 def test_former_fp64_configs_are_rejected():

@@ -12,6 +12,7 @@ the GPU tests collect and that the benchmark modules import.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -70,7 +71,13 @@ def test_gpu_tests_collect_without_optional_packages(tmp_path):
 
 
 def test_benchmarks_and_images_import_without_open_clip(tmp_path):
-    modules = ["bench.bench_model", "bench.bench_gate", "bench.bench_tokenizer", "bench.bench_attention"]
+    modules = [
+        "bench.bench_model",
+        "bench.bench_gate",
+        "bench.bench_tokenizer",
+        "bench.bench_attention",
+        "bench.bench_training",
+    ]
     modules += ["bench.common", "bench.tables", "bench.gpu_warmup", "bench.compile_sweep", "waveclip.images"]
     done = run_without_optional_packages(tmp_path, "-c", "; ".join(f"import {m}" for m in modules))
     assert done.returncode == 0, done.stderr[-4000:]
@@ -108,8 +115,40 @@ def test_sweep_rules():
 def test_sweep_finds_every_kernel_of_the_backend():
     kernels = compile_sweep.kernels_of_backend()
     assert {"_block_causal_fwd_kernel", "_attn_kv_append_kernel", "_combine_splits_kernel"} <= kernels
+    assert {"_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= kernels
     assert {"_tokenize_kernel", "_detokenize_kernel"} <= kernels
     assert "_attend_tile" not in kernels  # a @triton.jit helper, not a kernel
+
+
+RECORD_LAUNCHES = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from bench import compile_sweep
+
+launched = {}
+JITFunction.run = lambda self, *a, **k: launched.setdefault(self.fn.__name__, set()).add(sys.argv[1])
+Autotuner.run = lambda self, *a, **k: launched.setdefault("autotuned " + self.base_fn.__name__, set()).add(sys.argv[1])
+for name, (_, workload) in compile_sweep._workloads().items():
+    sys.argv[1] = name
+    workload(torch.float32, 80)
+print(json.dumps({k: sorted(v) for k, v in launched.items()}))
+"""
+
+
+def test_sweep_workloads_launch_every_kernel():
+    """Every kernel of the Triton backend is launched by a workload of the sweep (launches recorded,
+    nothing compiled), and the autotuned ones through their autotuner (so every config is swept)."""
+    done = subprocess.run([sys.executable, "-c", RECORD_LAUNCHES, "-"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launched = json.loads(done.stdout.strip().splitlines()[-1])
+    kernels = {name.removeprefix("autotuned ") for name in launched}
+    assert compile_sweep.kernels_of_backend() <= kernels, sorted(compile_sweep.kernels_of_backend() - kernels)
+    assert {f"autotuned {name}" for name in compile_sweep.ESTIMATED} <= set(launched)
+    assert launched["autotuned _bwd_dq_kernel"] == launched["autotuned _bwd_dkdv_kernel"] == ["block_causal_backward"]
+    assert launched["_combine_splits_kernel"] == ["kv_append_split"]
 
 
 @pytest.mark.slow

@@ -53,6 +53,9 @@ _LOG2E = tl.constexpr(LOG2E)  # the same constants as kernels may read them
 _LN2 = tl.constexpr(LN2)
 
 SHARED_MEMORY_LIMIT = 232_448  # bytes of shared memory one block may use on H100/H200 (sm_90)
+# 32-bit registers per thread that the resident tiles of a float16/bfloat16 config may take (of the
+# 255 a thread has): above it ptxas spilled on sm_90 (`register_estimate`, bench/compile_sweep.py)
+HALF_REGISTER_BUDGET = 240
 
 KERNELS = ("forward", "kv_append", "backward_dq", "backward_dkdv")
 
@@ -152,20 +155,48 @@ def shared_memory_estimate(
     return e * (d * tiles + scratch) + 1024
 
 
+def register_estimate(
+    kernel: str, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, num_warps: int
+) -> float:
+    """32-bit registers per thread that a config's resident tiles hold: the float32 accumulators, the
+    input-dtype tiles kept across the inner loop, the float32 score-sized tiles, spread over the
+    block's threads, plus 32 for the KV kernel's extra pointers (cache and new keys). Fitted to
+    ptxas on sm_90 for the tensor-core (float16/bfloat16) configs: at head dim 80/128, 256 words
+    (backward_dkdv 64 x 64, 4 warps) and 224 + 32 (kv_append 128 x 32, 4 warps) spilled, 224
+    (forward 128 x 32, backward_dkdv 32 x 64 and 32 x 128) did not.
+    """
+    d = _head_dim_pad(head_dim)
+    e = torch.empty((), dtype=dtype).element_size() / 4
+    if kernel in ("forward", "kv_append"):
+        words = block_m * d * (1 + e) + block_m * block_n + (32 * 32 * num_warps if kernel == "kv_append" else 0)
+    elif kernel == "backward_dq":
+        words = block_m * d * (1 + 2 * e) + 2 * block_m * block_n
+    elif kernel == "backward_dkdv":
+        words = 2 * block_n * d * (1 + e) + 2 * block_m * block_n
+    else:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return words / (32 * num_warps)
+
+
+def _fits(kernel: str, dtype: torch.dtype, head_dim: int, precision_class: str, config: tuple) -> bool:
+    m, n, warps, stages = config
+    if shared_memory_estimate(kernel, dtype, head_dim, m, n, stages) > SHARED_MEMORY_LIMIT:
+        return False
+    return precision_class != "half" or register_estimate(kernel, dtype, head_dim, m, n, warps) <= HALF_REGISTER_BUDGET
+
+
 @functools.cache
 def attention_configs(kernel: str, dtype: torch.dtype, head_dim: int, precision: str = "ieee") -> list[triton.Config]:
     """The autotune configs kept for one kernel, dtype, head dim and fp32 dot precision.
 
-    Candidates whose `shared_memory_estimate` exceeds SHARED_MEMORY_LIMIT are dropped (the smallest
-    candidate is always kept, so the list is never empty). This is the full list of what the GPU may
-    compile for these arguments.
+    Candidates whose `shared_memory_estimate` exceeds SHARED_MEMORY_LIMIT are dropped, and float16/
+    bfloat16 ones whose `register_estimate` exceeds HALF_REGISTER_BUDGET (they would spill; float32
+    and float64 spills are accepted). The smallest candidate is always kept, so the list is never
+    empty. This is the full list of what the GPU may compile for these arguments.
     """
-    candidates = _CANDIDATES[(kernel, _precision_class(dtype, precision))]
-    fits = [
-        c
-        for c in candidates
-        if shared_memory_estimate(kernel, dtype, head_dim, c[0], c[1], c[3]) <= SHARED_MEMORY_LIMIT
-    ]
+    precision_class = _precision_class(dtype, precision)
+    candidates = _CANDIDATES[(kernel, precision_class)]
+    fits = [c for c in candidates if _fits(kernel, dtype, head_dim, precision_class, c)]
     if not fits:
         fits = [min(candidates, key=lambda c: shared_memory_estimate(kernel, dtype, head_dim, c[0], c[1], c[3]))]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
