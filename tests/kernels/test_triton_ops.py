@@ -286,21 +286,10 @@ SM90_COMPILE = """
 import os
 os.environ.pop("TRITON_INTERPRET", None)
 import torch
-from triton.backends.compiler import GPUTarget
+from bench.compile_sweep import H200  # a fake driver for an sm_90 target
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-
-
-class H200:  # what the launch path asks of a driver, for an sm_90 target
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 driver.set_active(H200())
