@@ -36,18 +36,6 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     )
 
 
-def csv_list(text: str) -> list[str]:
-    """ "a, b,c" -> ["a", "b", "c"]."""
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in csv_list(text)]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
 def fields_of(args: argparse.Namespace, cls) -> dict:
     """The parsed arguments that are fields of the dataclass `cls`."""
     import dataclasses

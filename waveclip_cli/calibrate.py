@@ -18,7 +18,8 @@ import sys
 from waveclip_train.data import DataError
 from waveclip_train.options import CalibrateOptions
 
-from ._data_args import add_data_arguments, csv_list, fields_of
+from ._data_args import add_data_arguments, fields_of
+from .common import csv_list
 
 PROG = "waveclip calibrate"
 

@@ -16,7 +16,8 @@ import sys
 from waveclip_train.data import DataError
 from waveclip_train.options import DistillOptions
 
-from ._data_args import add_data_arguments, csv_list, fields_of, floats
+from ._data_args import add_data_arguments, fields_of
+from .common import csv_list, floats
 
 PROG = "waveclip distill"
 
