@@ -1,7 +1,7 @@
 // CPU attention (OpenMP + BLAS): block-causal attention and attention of new queries to cache prefixes.
 //
 // Both ops reduce to one unit of work, a job: `rows` query rows of one (batch, head) attend the keys and
-// values [0, len) of one (batch or cache row, head). One thread computes a job whole: S = scale * Q K^T by
+// values [0, len) of one (batch or cache row, head). One thread computes a job whole: S = Q K^T by
 // one sgemm into a thread-local (rows, len) buffer, the softmax numerator of each row (max, exp, sum) in
 // place, O = P V by a second sgemm straight into the output rows, then each row is divided by its sum.
 // When asked (for the backward), the job also writes each row's log-sum-exp, max + log(sum), of the
@@ -9,7 +9,7 @@
 // A block-causal query block only reads its own prefix: masked (query, key) pairs are never computed, and
 // nothing (not even a NaN) flows from a later block into an earlier one.
 //
-// Jobs are fixed by the shapes alone (query tiles of kTileRows rows, the last one shorter), each runs on
+// Jobs are fixed by the shapes alone (equal query tiles sized to the prefix, the last one shorter), each runs on
 // one thread, and BLAS runs sequentially inside the always-active parallel region, so the arithmetic of
 // every output element, and hence the result, does not depend on the number of threads.
 #include "waveclip.h"
@@ -48,7 +48,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace waveclip {
 namespace {
 
-constexpr int64_t kTileRows = 64;  // most query rows per job: the (rows, len) score buffer stays in L2
+constexpr int64_t kMaxTileRows = 256;          // most query rows per job
+constexpr int64_t kScoreBytes = 640 * 1024;     // a job's (rows, len) score buffer stays in L2 (1 MiB+)
 
 // Column-major BLAS: C (m x n) = alpha * op(A) op(B) + beta * C.
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
@@ -82,15 +83,20 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   return p * std::bit_cast<float>(scale);
 }
 
-// p[0, len) <- exp(p - max(p)); returns the sum of the new values, and max(p) in *max.
-WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len, float* max) {
+// p[0, len) <- exp(scale * p - m) with m = max(scale * p): the softmax numerator of the scaled row
+// (the scale is applied here, not by the sgemm, which would take one more pass over the scores).
+// Returns the sum of the new values, and m in *max.
+WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len, float scale, float* max) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < len; ++j) m = p[j] > m ? p[j] : m;
+  for (int64_t j = 0; j < len; ++j) {
+    const float x = p[j] * scale;
+    m = x > m ? x : m;
+  }
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < len; ++j) {
-    const float y = exp_nonpositive(p[j] - m);
+    const float y = exp_nonpositive(p[j] * scale - m);
     p[j] = y;
     sum += y;
   }
@@ -98,12 +104,12 @@ WAVECLIP_SIMD_CLONES float softmax_numerator(float* __restrict p, int64_t len, f
   return sum;
 }
 
-double softmax_numerator(double* __restrict p, int64_t len, double* max) {
+double softmax_numerator(double* __restrict p, int64_t len, double scale, double* max) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < len; ++j) m = p[j] > m ? p[j] : m;
+  for (int64_t j = 0; j < len; ++j) m = p[j] * scale > m ? p[j] * scale : m;
   double sum = 0.0;
   for (int64_t j = 0; j < len; ++j) {
-    p[j] = std::exp(p[j] - m);
+    p[j] = std::exp(p[j] * scale - m);
     sum += p[j];
   }
   *max = m;
@@ -129,12 +135,12 @@ struct Layout {
 template <typename T>
 void run_job(const Job<T>& job, const Layout& l, T scale, T* scores) {
   const int rows = static_cast<int>(job.rows), len = static_cast<int>(job.len), D = static_cast<int>(l.head_dim);
-  // scores (rows, len) row-major = (K Q^T) column-major.
-  gemm('T', 'N', len, rows, D, scale, job.k, static_cast<int>(l.k), job.q, static_cast<int>(l.q), T(0), scores, len);
-  T inv[kTileRows];
+  // scores (rows, len) row-major = (K Q^T) column-major, unscaled.
+  gemm('T', 'N', len, rows, D, T(1), job.k, static_cast<int>(l.k), job.q, static_cast<int>(l.q), T(0), scores, len);
+  T inv[kMaxTileRows];
   for (int i = 0; i < rows; ++i) {
     T max;
-    const T sum = softmax_numerator(scores + static_cast<int64_t>(i) * len, len, &max);
+    const T sum = softmax_numerator(scores + static_cast<int64_t>(i) * len, len, scale, &max);
     inv[i] = T(1) / sum;
     if (job.lse != nullptr) job.lse[i] = max + std::log(sum);
   }
@@ -148,8 +154,8 @@ void run_job(const Job<T>& job, const Layout& l, T scale, T* scores) {
 
 template <typename T>
 void run_jobs(const std::vector<Job<T>>& jobs, const Layout& l, double scale) {
-  int64_t max_len = 0;
-  for (const auto& job : jobs) max_len = std::max(max_len, job.len);
+  int64_t max_scores = 0;
+  for (const auto& job : jobs) max_scores = std::max(max_scores, job.rows * job.len);
   const int nthreads = at::get_num_threads();
   const auto count = static_cast<int64_t>(jobs.size());
   // Always an active parallel region (even for one job), so BLAS inside never spawns threads of its own.
@@ -157,16 +163,20 @@ void run_jobs(const std::vector<Job<T>>& jobs, const Layout& l, double scale) {
   {
     // Each thread's score buffer lives on between calls (no allocation, no page faults per call).
     thread_local std::vector<T> scores;
-    if (scores.size() < static_cast<size_t>(kTileRows * max_len)) scores.resize(kTileRows * max_len);
+    if (scores.size() < static_cast<size_t>(max_scores)) scores.resize(max_scores);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < count; ++j) run_job(jobs[j], l, static_cast<T>(scale), scores.data());
   }
 }
 
-// Query tiles of a block of n rows: tiles of kTileRows rows, the last one shorter.
-template <typename F>
-void for_each_tile(int64_t n, const F& body) {
-  for (int64_t begin = 0; begin < n; begin += kTileRows) body(begin, std::min(kTileRows, n - begin));
+// Query tiles of a block of n rows attending `len` keys: as few tiles as keep each job's score buffer
+// within kScoreBytes (and at most kMaxTileRows rows), of equal size but the last, which may be shorter.
+template <typename T, typename F>
+void for_each_tile(int64_t n, int64_t len, const F& body) {
+  const int64_t fit = kScoreBytes / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(len, 1));
+  const int64_t most = std::clamp<int64_t>(fit, 16, kMaxTileRows);
+  const int64_t tiles = (n + most - 1) / most, rows = tiles > 0 ? (n + tiles - 1) / tiles : 0;
+  for (int64_t begin = 0; begin < n; begin += rows) body(begin, std::min(rows, n - begin));
 }
 
 // A tensor whose last dim is unit-stride and whose rows (dim 2) BLAS can step through, in the compute dtype.
@@ -200,7 +210,7 @@ void block_causal_typed(const at::Tensor& q, const at::Tensor& k, const at::Tens
       int64_t start = 0;
       for (const int64_t size : block_sizes) {
         const int64_t end = start + size;
-        for_each_tile(size, [&](int64_t t0, int64_t rows) {
+        for_each_tile<T>(size, end, [&](int64_t t0, int64_t rows) {
           const int64_t row = start + t0;
           jobs.push_back({qp + b * q.stride(0) + h * q.stride(1) + row * l.q, kb, vb,
                           op + b * out.stride(0) + h * out.stride(1) + row * l.out,
@@ -226,7 +236,7 @@ void prefixes_typed(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = plan.rows[b], len = plan.lens[b] + n;
     for (int64_t h = 0; h < H; ++h) {
-      for_each_tile(n, [&](int64_t t0, int64_t rows) {
+      for_each_tile<T>(n, len, [&](int64_t t0, int64_t rows) {
         jobs.push_back({qp + b * q.stride(0) + h * q.stride(1) + t0 * l.q,
                         kp + r * k_cache.stride(0) + h * k_cache.stride(1),
                         vp + r * v_cache.stride(0) + h * v_cache.stride(1),

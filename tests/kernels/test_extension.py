@@ -205,11 +205,12 @@ def test_kv_append_empty_batch_writes_nothing(kv_case, guards):
 
 # --------------------------------------------------------------------------- block-causal attention
 
-# (B, H, block sizes, D): blocks of size 1, a block of 130 rows (query tiles of 64, 64 and 2), N not a
-# multiple of anything, batch 0 and 1, head dims 1, 40 and 64.
+# (B, H, block sizes, D): blocks of size 1, a block of 301 rows (two query tiles, 151 and 150 rows), N not
+# a multiple of anything, batch 0 and 1, head dims 1, 40 and 64.
 BLOCK_CASES = [
     (2, 3, [1, 4, 1, 6], 16),
     (1, 2, [130, 7], 40),
+    (1, 1, [301, 4], 8),
     (3, 1, [5], 1),
     (0, 2, [3, 2], 8),
     (1, 12, [50, 50, 50, 50], 64),
@@ -257,11 +258,13 @@ def test_block_causal_nan_in_a_later_block_stays_there():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
     x = torch.randn(3, 3, 48, 72, dtype=dtype)
-    # 70 new rows: two query tiles per (batch, head).
+    # 70 new rows: one query tile per (batch, head).
     case = kv_case(3, 2, 70, 8, 5, 96, [4, 0, 26], [2, 4, 0], dtype=dtype)
     q, k_new, v_new, k_cache, v_cache, lens, index = case.args()
-    # One job per (batch, head, query tile), for one (batch, head) and for many.
+    # One job per (batch, head, query tile), for one (batch, head) and for many; a block of 290 rows
+    # has two query tiles.
     attention = [(torch.randn(1, 1, 9, 16, dtype=dtype), [9]), (torch.randn(2, 3, 150, 16, dtype=dtype), [20, 130])]
+    attention.append((torch.randn(1, 2, 300, 8, dtype=dtype), [290, 10]))
     threads = torch.get_num_threads()
     results = []
     try:
