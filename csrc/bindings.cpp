@@ -498,6 +498,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "attention with KV append";
   m.def("wavelet_tokenize", &waveclip::wavelet_tokenize, release(), py::arg("images"), py::arg("levels"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("out_dtype"));
+  m.def(
+      "cpu_tokenizer_kernel",
+      [](const at::Tensor& images, int64_t levels, int64_t grid_h, int64_t grid_w, at::ScalarType out_dtype) {
+        waveclip::check_tokenize(images, levels, grid_h, grid_w, "rgb", out_dtype);
+        const waveclip::Geometry g(images.size(0), images.size(2), images.size(3), levels, grid_h, grid_w);
+        return waveclip::cpu_tokenizer_kernel(images, g, out_dtype);
+      },
+      py::arg("images"), py::arg("levels"), py::arg("grid_h"), py::arg("grid_w"), py::arg("out_dtype"),
+      "Which CPU tokenizer kernel these images take: \"avx512\" or \"generic\".");
   m.def("wavelet_detokenize", &waveclip::wavelet_detokenize, release(), py::arg("tokens"), py::arg("levels"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("height"), py::arg("width"));
   m.def(

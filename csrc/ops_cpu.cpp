@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -375,7 +376,241 @@ struct ScatterSide {
   }
 };
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The float32 tokenizer with AVX-512, picked at run time on CPUs that have it. The unit of work is the
+// same (image, grid row) strip, but each level runs across the whole strip, 16 outputs at a time:
+// level 1 reads the image rows (prefetched two row pairs ahead) and colour-mixes them in registers (no
+// scratch pass), and each of its output vectors lies in one cell, so it is stored straight into its
+// token. Later levels, whose token rows are short, build the strip's tokens in cache (masked stores)
+// and copy them out as one run per stage. Without the colour matrix ("rgb") every result is
+// bit-identical to the generic path's; with it, the FMAs may round the float32 sums differently.
+// Regular stores, not non-temporal ones: a batch that fits in the last-level cache stays there.
+#define WAVECLIP_HAS_AVX512_TOKENIZER 1
+#define WAVECLIP_AVX512 __attribute__((target("avx512f")))
+
+// The tokens of one stage for the cells of one strip: cell gx's token starts at base + gx * cell_stride
+// and holds (3, planes, ph, pw) features: planes 3 (the H, V, D bands) or 1 (the approximation).
+struct StripTokens {
+  float* base;
+  int64_t cell_stride, planes, ph, pw;
+  float* row(int64_t gx, int64_t plane, int64_t py) const { return base + gx * cell_stride + (plane * ph + py) * pw; }
+};
+
+// The Haar butterfly of haar_level on 16 output columns, p, q the even and odd pixels of row 2i, r, s
+// those of row 2i + 1, all already multiplied by 1/2: A, H, V, D without haar_level's final
+// multiplications. Scaling by a power of two is exact (in the normal range), so the results are the
+// same; `next` multiplies A by 1/2 once more, the scaling of the next level's inputs.
+struct Quad {
+  __m512 a, h, v, d;
+};
+WAVECLIP_AVX512 inline Quad butterfly(__m512 p, __m512 q, __m512 r, __m512 s, bool next) {
+  const __m512 sum = _mm512_add_ps(p, q), dif = _mm512_sub_ps(p, q);
+  const __m512 a = _mm512_add_ps(_mm512_add_ps(sum, r), s);
+  return {next ? _mm512_mul_ps(a, _mm512_set1_ps(0.5f)) : a, _mm512_sub_ps(_mm512_sub_ps(sum, r), s),
+          _mm512_sub_ps(_mm512_add_ps(dif, r), s), _mm512_add_ps(_mm512_sub_ps(dif, r), s)};
+}
+
+// Even and odd elements of the 32 floats a:b.
+WAVECLIP_AVX512 inline __m512 evens(__m512 a, __m512 b) {
+  return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+}
+WAVECLIP_AVX512 inline __m512 odds(__m512 a, __m512 b) {
+  return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
+}
+
+// dst[0, n) = src[0, n); the tail through a masked load and store.
+WAVECLIP_AVX512 inline void copy_run_avx512(float* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_loadu_ps(src + k));
+  if (k < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1u);
+    _mm512_mask_storeu_ps(dst + k, tail, _mm512_maskz_loadu_ps(tail, src + k));
+  }
+}
+
+// The first n (<= 16) lanes set.
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Level 1 of one strip, fused with the colour transform: image rows [0, ch) (unit-stride rows, channel
+// planes sC apart, rows sH apart) -> the level-1 bands of every cell into `bands` and the approximation
+// A1 (3, ch/2, W/2) into `approx`, times 1/2 unless `last`. Needs bands.pw % 16 == 0: a vector of 16
+// outputs never spans two cells. The colour matrix, pre-multiplied by 1/2, is applied with FMAs (the
+// float32 sums may round differently from the generic path's, within one rounding).
+WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_t W, int64_t ch,
+                                  const float (&m)[3][3], bool mix, bool last, const StripTokens& bands,
+                                  float* approx) {
+  const int64_t h2 = ch / 2, w2 = W / 2, pw = bands.pw;
+  const __m512 half = _mm512_set1_ps(0.5f);
+  __m512 mv[3][3];
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) mv[i][k] = _mm512_set1_ps(0.5f * m[i][k]);
+  for (int64_t py = 0; py < h2; ++py) {
+    const float* rows[2] = {x + 2 * py * sH, x + (2 * py + 1) * sH};
+    for (int64_t j = 0; j < w2; j += 16) {
+      __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
+      for (int r = 0; r < 2; ++r)
+        for (int c = 0; c < 3; ++c)
+          for (int k = 0; k < 2; ++k) t[r][c][k] = _mm512_loadu_ps(rows[r] + c * sC + 2 * j + 16 * k);
+      if (py + 2 < h2)  // the same columns two row pairs on
+        for (int r = 0; r < 2; ++r)
+          for (int c = 0; c < 3; ++c)
+            for (int k = 0; k < 2; ++k)
+              _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 4 * sH + c * sC + 2 * j + 16 * k), _MM_HINT_T0);
+      for (int r = 0; r < 2; ++r)
+        for (int k = 0; k < 2; ++k) {
+          const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
+          for (int c = 0; c < 3; ++c)
+            t[r][c][k] = mix ? _mm512_fmadd_ps(mv[c][2], x2, _mm512_fmadd_ps(mv[c][1], x1, _mm512_mul_ps(mv[c][0], x0)))
+                             : _mm512_mul_ps(t[r][c][k], half);
+        }
+      const int64_t gx = j / pw, px = j % pw;
+      for (int c = 0; c < 3; ++c) {
+        const Quad o = butterfly(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
+                                 evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]), !last);
+        _mm512_storeu_ps(approx + (c * h2 + py) * w2 + j, o.a);
+        _mm512_storeu_ps(bands.row(gx, 3 * c, py) + px, o.h);
+        _mm512_storeu_ps(bands.row(gx, 3 * c + 1, py) + px, o.v);
+        _mm512_storeu_ps(bands.row(gx, 3 * c + 2, py) + px, o.d);
+      }
+    }
+  }
+}
+
+// The part of a vector of 16 outputs of a strip row that falls in one cell: its lanes, and the offset of
+// lane 0 from the start of the cell's token row (negative when the vector starts in an earlier cell).
+struct Piece {
+  int64_t jv, token_offset;  // vector index along the row; cell * cell_stride + (start - cell * pw)
+  __mmask16 lanes;
+};
+
+// The pieces of the vectors of a row of w outputs for tokens of pw columns and `cell_stride` floats.
+std::vector<Piece> row_pieces(int64_t w, int64_t pw, int64_t cell_stride) {
+  std::vector<Piece> pieces;
+  for (int64_t j = 0; j < w; j += 16) {
+    const int64_t n = std::min<int64_t>(16, w - j);
+    for (int64_t gx = j / pw, first = j; first < j + n; ++gx) {
+      const int64_t end = std::min((gx + 1) * pw, j + n);
+      const auto lanes = static_cast<__mmask16>(((1u << (end - j)) - 1u) & ~((1u << (first - j)) - 1u));
+      pieces.push_back({j / 16, gx * cell_stride + (j - gx * pw), lanes});
+      first = end;
+    }
+  }
+  return pieces;
+}
+
+// One later level of a strip: src (3, h, w), already times 1/2 -> the bands of every cell into `bands`
+// and the approximation (3, h/2, w/2) into `approx`, times 1/2 (or, when `last`, into the stage-0
+// tokens). Each row's outputs are computed into `row` (4 x the row rounded up to 16) and then stored,
+// piece by piece, with masked stores (a row's last inputs, fewer than 32, through masked loads).
+WAVECLIP_AVX512 void level_strip(const float* src, int64_t h, int64_t w, bool last, const StripTokens& bands,
+                                 float* approx, const StripTokens& approx_tokens) {
+  const int64_t h2 = h / 2, w2 = w / 2, vectors = (w2 + 15) / 16;
+  const std::vector<Piece> band_pieces = row_pieces(w2, bands.pw, bands.cell_stride);
+  const std::vector<Piece> approx_pieces = row_pieces(w2, approx_tokens.pw, approx_tokens.cell_stride);
+  std::vector<float> out(64 * vectors);  // (vector, A/H/V/D, 16 lanes) of one output row
+  for (int64_t c = 0; c < 3; ++c) {
+    for (int64_t i = 0; i < h2; ++i) {
+      const float* r0 = src + (c * h + 2 * i) * w;
+      const float* r1 = r0 + w;
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t j = 16 * v, n = std::min<int64_t>(16, w2 - j);
+        const __mmask16 lo = first_lanes(std::min<int64_t>(2 * n, 16)), hi = first_lanes(std::max<int64_t>(2 * n - 16, 0));
+        const __m512 p0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * j), p1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * j + 16);
+        const __m512 q0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j), q1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
+        const Quad o = butterfly(evens(p0, p1), odds(p0, p1), evens(q0, q1), odds(q0, q1), !last);
+        _mm512_storeu_ps(&out[64 * v], o.a);
+        _mm512_storeu_ps(&out[64 * v + 16], o.h);
+        _mm512_storeu_ps(&out[64 * v + 32], o.v);
+        _mm512_storeu_ps(&out[64 * v + 48], o.d);
+      }
+      float* rows[3];
+      for (int64_t k = 0; k < 3; ++k) rows[k] = bands.row(0, 3 * c + k, i);
+      for (const Piece& p : band_pieces)
+        for (int64_t k = 0; k < 3; ++k)
+          _mm512_mask_storeu_ps(rows[k] + p.token_offset, p.lanes, _mm512_loadu_ps(&out[64 * p.jv + 16 * (k + 1)]));
+      if (last) {
+        float* row = approx_tokens.row(0, c, i);
+        for (const Piece& p : approx_pieces)
+          _mm512_mask_storeu_ps(row + p.token_offset, p.lanes, _mm512_loadu_ps(&out[64 * p.jv]));
+      } else {
+        for (int64_t v = 0; v < vectors; ++v)
+          _mm512_mask_storeu_ps(approx + (c * h2 + i) * w2 + 16 * v, first_lanes(std::min<int64_t>(16, w2 - 16 * v)),
+                                _mm512_loadu_ps(&out[64 * v]));
+      }
+    }
+  }
+}
+
+// A strip's last approximation, src (3, h, w) -> the stage-0 tokens of its cells (levels = 1 only: later
+// levels write their approximation straight into the tokens).
+WAVECLIP_AVX512 void approx_to_tokens(const float* src, int64_t h, int64_t w, const StripTokens& tokens) {
+  const std::vector<Piece> pieces = row_pieces(w, tokens.pw, tokens.cell_stride);
+  for (int64_t c = 0; c < 3; ++c)
+    for (int64_t i = 0; i < h; ++i) {
+      const float* in = src + (c * h + i) * w;
+      float* row = tokens.row(0, c, i);
+      for (const Piece& p : pieces)
+        _mm512_mask_storeu_ps(row + p.token_offset, p.lanes, _mm512_maskz_loadu_ps(p.lanes, in + 16 * p.jv));
+    }
+}
+
+// Whether the AVX-512 path takes these images: float32 in and out, unit-stride rows, at least one
+// level, level-1 patches a multiple of 16 wide, and a CPU with AVX-512F.
+bool avx512_tokenizer_applies(const at::Tensor& images, const Geometry& g, at::ScalarType out) {
+  static const bool cpu_has = __builtin_cpu_supports("avx512f");
+  return cpu_has && images.scalar_type() == at::kFloat && out == at::kFloat && images.stride(3) == 1 &&
+         g.levels >= 1 && g.patch_w(g.levels) % 16 == 0;
+}
+
+void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, std::vector<at::Tensor>& out) {
+  const int64_t L = g.levels, ch = g.cell_h(), W = g.width;
+  const int64_t sB = images.stride(0), sC = images.stride(1), sH = images.stride(2);
+  const float* x = images.const_data_ptr<float>();  // (B, 3, H, W), strides (sB, sC, sH, 1)
+  double md[3][3];
+  color_matrix(ycbcr, false, md);
+  float m[3][3];
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) m[i][k] = static_cast<float>(md[i][k]);
+
+  // Per-thread scratch: two ping-pong strip approximations (A1 is the largest, 3 * ch/2 * W/2) and the
+  // strip's tokens of stages 0 .. L-1, built in cache and copied out whole (their runs are short: stored
+  // straight to memory, each would touch a cache line of its own).
+  const int64_t a1 = 3 * (ch / 2) * (W / 2);
+  std::vector<int64_t> local_at(L + 1, a1 + a1 / 4);
+  for (int64_t s = 1; s <= L; ++s) local_at[s] = local_at[s - 1] + g.grid_w * g.dim(s - 1);
+  const int64_t per_thread = local_at[L];
+  const int nthreads = at::get_num_threads();
+  std::vector<float> scratch(per_thread * nthreads);
+  parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
+    const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * g.grid_w;
+    float* mine = scratch.data() + thread * per_thread;
+    float* ping[2] = {mine, mine + a1};
+    auto tokens = [&](int64_t s) {  // stage L straight into the output, the others into scratch
+      float* base = s == L ? out[s].data_ptr<float>() + first_cell * g.dim(s) : mine + local_at[s];
+      return StripTokens{base, g.dim(s), s == 0 ? 1 : 3, g.patch_h(s), g.patch_w(s)};
+    };
+    level1_strip(x + b * sB + gy * ch * sH, sC, sH, W, ch, m, ycbcr, L == 1, tokens(L), ping[0]);
+    if (L == 1) approx_to_tokens(ping[0], ch / 2, W / 2, tokens(0));
+    int64_t h = ch / 2, w = W / 2;
+    for (int64_t lv = 2; lv <= L; ++lv) {
+      level_strip(ping[lv % 2], h, w, lv == L, tokens(L - lv + 1), ping[(lv + 1) % 2], tokens(0));
+      h /= 2;
+      w /= 2;
+    }
+    for (int64_t s = 0; s < L; ++s)
+      copy_run_avx512(out[s].data_ptr<float>() + first_cell * g.dim(s), mine + local_at[s], g.grid_w * g.dim(s));
+  });
+}
+#endif
+
 }  // namespace
+
+std::string cpu_tokenizer_kernel(const at::Tensor& images, const Geometry& g, at::ScalarType out_dtype) {
+#ifdef WAVECLIP_HAS_AVX512_TOKENIZER
+  if (avx512_tokenizer_applies(images, g, out_dtype)) return "avx512";
+#endif
+  return "generic";
+}
 
 std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geometry& g, bool ycbcr,
                                              at::ScalarType out_dtype) {
@@ -391,6 +626,12 @@ std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geo
       tokenize_typed<c10::BFloat16>(images, g, ycbcr, out);
       break;
     case at::kFloat:
+#ifdef WAVECLIP_HAS_AVX512_TOKENIZER
+      if (avx512_tokenizer_applies(images, g, out_dtype)) {
+        tokenize_avx512(images, g, ycbcr, out);
+        break;
+      }
+#endif
       tokenize_typed<float>(images, g, ycbcr, out);
       break;
     default:

@@ -89,6 +89,10 @@ void check_plan_bounds(const AppendPlan& plan, const at::Tensor& q, const at::Te
 std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geometry& g, bool ycbcr,
                                              at::ScalarType out_dtype);
 
+// Which CPU tokenizer kernel these images take: "avx512" (float32 in and out, unit-stride rows, at least
+// one level, level-1 patches a multiple of 16 wide, a CPU with AVX-512F) or "generic".
+std::string cpu_tokenizer_kernel(const at::Tensor& images, const Geometry& g, at::ScalarType out_dtype);
+
 // tokens: L+1 (B, Gh*Gw, dim_s) tensors, any strides -> contiguous (B, 3, H, W) of their dtype.
 at::Tensor wavelet_detokenize_cpu(const std::vector<at::Tensor>& tokens, const Geometry& g, bool ycbcr);
 

@@ -71,6 +71,79 @@ def test_tokenize_honours_out_dtype(dtype, out_dtype):
         assert_within_torch_error(o, e, r, out_dtype)
 
 
+# --------------------------------------------------------------- the AVX-512 float32 tokenizer
+
+# (levels, grid, (H, W), batch) that the AVX-512 kernel takes (level-1 patches 16 or 32 wide): one level
+# (the approximation copied out last), two vectors per cell row, later levels whose rows end in a
+# partial vector and whose vectors span two and four cells (96 x 160, grid 3 x 5), five levels down to
+# 2 x 2 patches, batch 0.
+AVX512_CASES = [
+    (1, (2, 3), (64, 96), 2),
+    (2, (1, 2), (32, 128), 1),
+    (3, (3, 5), (96, 160), 1),
+    (5, (1, 1), (64, 64), 1),
+    (2, (1, 1), (32, 32), 0),
+]
+needs_avx512 = pytest.mark.skipif(
+    _C.cpu_tokenizer_kernel(torch.empty(1, 3, 64, 64), 1, 2, 2, torch.float32) != "avx512",
+    reason="this CPU has no AVX-512F",
+)
+
+
+@needs_avx512
+@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES)
+def test_avx512_tokenizer_rgb_is_bit_identical_to_the_reference(levels, grid, size, batch):
+    """Without the colour matrix the kernel's arithmetic is the reference's, so float32 tokens are equal
+    bit for bit: a misplaced or missing output anywhere shows up (NaN included)."""
+    x = torch.randn(batch, 3, *size)
+    if batch:
+        x[0, 1, 5, 7] = float("nan")
+    assert _C.cpu_tokenizer_kernel(x, levels, *grid, torch.float32) == "avx512"
+    out = tokenize(x, levels, grid, "rgb")
+    for o, e in zip(out, ref.wavelet_tokenize(x, levels, grid, "rgb"), strict=True):
+        assert o.shape == e.shape and o.is_contiguous()
+        torch.testing.assert_close(o, e, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_avx512
+@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES)
+def test_avx512_tokenizer_ycbcr_within_torch_error(levels, grid, size, batch):
+    x = torch.randn(batch, 3, *size)
+    out = tokenize(x, levels, grid, "ycbcr")
+    oracle = ref.wavelet_tokenize(x.double(), levels, grid, "ycbcr")
+    for o, e, r in zip(out, oracle, ref.wavelet_tokenize(x, levels, grid, "ycbcr"), strict=True):
+        assert_within_torch_error(o, e, r, torch.float32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("color", ["rgb", "ycbcr"])
+def test_avx512_tokenizer_strided_images_and_the_generic_kernel(color):
+    """A crop of a larger buffer (rows unit-stride, other strides not) takes the AVX-512 kernel and gives
+    the contiguous images' tokens exactly; images with strided rows take the generic kernel, which agrees
+    (exactly without the colour matrix)."""
+    x = torch.randn(2, 3, 96, 160)
+    big = torch.full((2, 4, 100, 170), SENTINEL)
+    crop = big[:, 1:, 3:99, 5:165]
+    crop.copy_(x)
+    columns = torch.full((2, 3, 96, 320), SENTINEL)[..., ::2]
+    columns.copy_(x)
+    assert _C.cpu_tokenizer_kernel(crop, 3, 3, 5, torch.float32) == "avx512"
+    assert _C.cpu_tokenizer_kernel(columns, 3, 3, 5, torch.float32) == "generic"
+    fast = tokenize(x, 3, (3, 5), color)
+    for o, e in zip(tokenize(crop, 3, (3, 5), color), fast):
+        assert torch.equal(o, e)
+    for o, e in zip(tokenize(columns, 3, (3, 5), color), fast):
+        torch.testing.assert_close(o, e, rtol=0, atol=0 if color == "rgb" else 1e-6)
+
+
+def test_tokenizer_kernel_choice():
+    x = torch.randn(1, 3, 64, 96)
+    assert _C.cpu_tokenizer_kernel(x, 1, 2, 3, torch.bfloat16) == "generic"  # 16-bit tokens
+    assert _C.cpu_tokenizer_kernel(x.double(), 1, 2, 3, torch.float64) == "generic"
+    assert _C.cpu_tokenizer_kernel(x, 0, 2, 3, torch.float32) == "generic"  # levels=0
+    assert _C.cpu_tokenizer_kernel(x, 2, 2, 4, torch.float32) == "generic"  # level-1 patches 12 wide
+
+
 def _layouts(x):
     """The same images stored transposed, channels-last, and as a strided window of a larger buffer."""
     B, C, H, W = x.shape
