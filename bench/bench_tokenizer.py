@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import waveclip_kernels as wk
+from waveclip_kernels import extension
 from waveclip_kernels.reference.wavelet import apply_color, stage_to_tokens
 
 from . import common
@@ -85,6 +86,10 @@ def providers(images: torch.Tensor, case: Case, device: torch.device) -> list[di
     out = common.impl_providers(
         "wavelet_tokenize", device, lambda impl: wk.wavelet_tokenize(images, case.levels, grid, case.color, impl=impl)
     )
+    for p in out:
+        if p["provider"] == "waveclip:cpu" and "fn" in p and device.type == "cpu":
+            kernel = extension.load().cpu_tokenizer_kernel(images, case.levels, *grid, images.dtype)
+            p["backend"] = f"cpu ({kernel})"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pytorch_wavelets imports the deprecated pkg_resources
