@@ -331,6 +331,7 @@ def test_block_causal_nan_in_a_later_block_stays_there():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
     x = torch.randn(3, 3, 48, 72, dtype=dtype)
+    wide = torch.randn(3, 3, 96, 160, dtype=dtype)
     # 70 new rows: one query tile per (batch, head).
     case = kv_case(3, 2, 70, 8, 5, 96, [4, 0, 26], [2, 4, 0], dtype=dtype)
     q, k_new, v_new, k_cache, v_cache, lens, index = case.args()
@@ -344,11 +345,12 @@ def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
         for count in (1, 2):
             torch.set_num_threads(count)
             tokens = tokenize(x, 2, (3, 3), "ycbcr")
+            wide_tokens = tokenize(wide, 3, (3, 5), "ycbcr")  # float32: the AVX-512 kernel, where the CPU has it
             image = extension.wavelet_detokenize(tokens, 2, (3, 3), "ycbcr", (48, 72))
             kc, vc = k_cache.clone(), v_cache.clone()
             out = extension.attention_with_kv_append(q, k_new, v_new, kc, vc, lens, index, 0.5)
             full = [extension.block_causal_attention(a, a * 2, a.flip(2), sizes, 0.3) for a, sizes in attention]
-            results.append([*tokens, image, out, kc, vc, *full])
+            results.append([*tokens, *wide_tokens, image, out, kc, vc, *full])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
