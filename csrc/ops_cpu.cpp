@@ -499,15 +499,15 @@ std::vector<Piece> row_pieces(int64_t w, int64_t pw, int64_t cell_stride) {
 }
 
 // One later level of a strip: src (3, h, w), already times 1/2 -> the bands of every cell into `bands`
-// and the approximation (3, h/2, w/2) into `approx`, times 1/2 (or, when `last`, into the stage-0
-// tokens). Each row's outputs are computed into `row` (4 x the row rounded up to 16) and then stored,
-// piece by piece, with masked stores (a row's last inputs, fewer than 32, through masked loads).
+// (whose row pieces are `band_pieces`) and the approximation (3, h/2, w/2) into `approx`, times 1/2 (or,
+// when `last`, into the stage-0 tokens, pieces `approx_pieces`). Each row's outputs are computed into
+// `out` (vector, A/H/V/D, 16 lanes) and then stored piece by piece with masked stores (a row's last
+// inputs, fewer than 32, through masked loads).
 WAVECLIP_AVX512 void level_strip(const float* src, int64_t h, int64_t w, bool last, const StripTokens& bands,
-                                 float* approx, const StripTokens& approx_tokens) {
+                                 const std::vector<Piece>& band_pieces, float* approx,
+                                 const StripTokens& approx_tokens, const std::vector<Piece>& approx_pieces,
+                                 float* out) {
   const int64_t h2 = h / 2, w2 = w / 2, vectors = (w2 + 15) / 16;
-  const std::vector<Piece> band_pieces = row_pieces(w2, bands.pw, bands.cell_stride);
-  const std::vector<Piece> approx_pieces = row_pieces(w2, approx_tokens.pw, approx_tokens.cell_stride);
-  std::vector<float> out(64 * vectors);  // (vector, A/H/V/D, 16 lanes) of one output row
   for (int64_t c = 0; c < 3; ++c) {
     for (int64_t i = 0; i < h2; ++i) {
       const float* r0 = src + (c * h + 2 * i) * w;
@@ -541,10 +541,10 @@ WAVECLIP_AVX512 void level_strip(const float* src, int64_t h, int64_t w, bool la
   }
 }
 
-// A strip's last approximation, src (3, h, w) -> the stage-0 tokens of its cells (levels = 1 only: later
-// levels write their approximation straight into the tokens).
-WAVECLIP_AVX512 void approx_to_tokens(const float* src, int64_t h, int64_t w, const StripTokens& tokens) {
-  const std::vector<Piece> pieces = row_pieces(w, tokens.pw, tokens.cell_stride);
+// A strip's last approximation, src (3, h, w) -> the stage-0 tokens of its cells, row pieces `pieces`
+// (levels = 1 only: later levels write their approximation straight into the tokens).
+WAVECLIP_AVX512 void approx_to_tokens(const float* src, int64_t h, int64_t w, const StripTokens& tokens,
+                                      const std::vector<Piece>& pieces) {
   for (int64_t c = 0; c < 3; ++c)
     for (int64_t i = 0; i < h; ++i) {
       const float* in = src + (c * h + i) * w;
@@ -572,11 +572,19 @@ void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, st
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) m[i][k] = static_cast<float>(md[i][k]);
 
-  // Per-thread scratch: two ping-pong strip approximations (A1 is the largest, 3 * ch/2 * W/2) and the
-  // strip's tokens of stages 0 .. L-1, built in cache and copied out whole (their runs are short: stored
-  // straight to memory, each would touch a cache line of its own).
-  const int64_t a1 = 3 * (ch / 2) * (W / 2);
-  std::vector<int64_t> local_at(L + 1, a1 + a1 / 4);
+  std::vector<float*> dst(L + 1);  // stage s: (B, G, dim_s) contiguous
+  for (int64_t s = 0; s <= L; ++s) dst[s] = out[s].data_ptr<float>();
+  // The row pieces of every stage below L (fixed by the geometry): stage s >= 1 holds the bands of level
+  // L-s+1, whose rows are W >> (L-s+1) wide; stage 0 the last approximation, W >> L wide.
+  std::vector<std::vector<Piece>> pieces(L);
+  for (int64_t s = 0; s < L; ++s) pieces[s] = row_pieces(W >> (s == 0 ? L : L - s + 1), g.patch_w(s), g.dim(s));
+
+  // Per-thread scratch: two ping-pong strip approximations (A1 is the largest, 3 * ch/2 * W/2), one
+  // output row of level 2 (4 x 16 lanes per vector), and the strip's tokens of stages 0 .. L-1, built in
+  // cache and copied out whole (their runs are short: stored straight to memory, each would touch a cache
+  // line of its own).
+  const int64_t a1 = 3 * (ch / 2) * (W / 2), row_out = 64 * ((W / 4 + 15) / 16);
+  std::vector<int64_t> local_at(L + 1, a1 + a1 / 4 + row_out);
   for (int64_t s = 1; s <= L; ++s) local_at[s] = local_at[s - 1] + g.grid_w * g.dim(s - 1);
   const int64_t per_thread = local_at[L];
   const int nthreads = at::get_num_threads();
@@ -585,20 +593,22 @@ void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, st
     const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * g.grid_w;
     float* mine = scratch.data() + thread * per_thread;
     float* ping[2] = {mine, mine + a1};
+    float* row = ping[1] + a1 / 4;
     auto tokens = [&](int64_t s) {  // stage L straight into the output, the others into scratch
-      float* base = s == L ? out[s].data_ptr<float>() + first_cell * g.dim(s) : mine + local_at[s];
+      float* base = s == L ? dst[s] + first_cell * g.dim(s) : mine + local_at[s];
       return StripTokens{base, g.dim(s), s == 0 ? 1 : 3, g.patch_h(s), g.patch_w(s)};
     };
     level1_strip(x + b * sB + gy * ch * sH, sC, sH, W, ch, m, ycbcr, L == 1, tokens(L), ping[0]);
-    if (L == 1) approx_to_tokens(ping[0], ch / 2, W / 2, tokens(0));
+    if (L == 1) approx_to_tokens(ping[0], ch / 2, W / 2, tokens(0), pieces[0]);
     int64_t h = ch / 2, w = W / 2;
     for (int64_t lv = 2; lv <= L; ++lv) {
-      level_strip(ping[lv % 2], h, w, lv == L, tokens(L - lv + 1), ping[(lv + 1) % 2], tokens(0));
+      const int64_t s = L - lv + 1;
+      level_strip(ping[lv % 2], h, w, lv == L, tokens(s), pieces[s], ping[(lv + 1) % 2], tokens(0), pieces[0], row);
       h /= 2;
       w /= 2;
     }
     for (int64_t s = 0; s < L; ++s)
-      copy_run_avx512(out[s].data_ptr<float>() + first_cell * g.dim(s), mine + local_at[s], g.grid_w * g.dim(s));
+      copy_run_avx512(dst[s] + first_cell * g.dim(s), mine + local_at[s], g.grid_w * g.dim(s));
   });
 }
 #endif
