@@ -378,35 +378,30 @@ struct ScatterSide {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The float32 tokenizer with AVX-512, picked at run time on CPUs that have it. The unit of work is the
-// same (image, grid row) strip, but each level runs across the whole strip, 16 outputs at a time:
-// level 1 reads the image rows (prefetched two row pairs ahead) and colour-mixes them in registers (no
-// scratch pass), and each of its output vectors lies in one cell, so it is stored straight into its
-// token. Later levels, whose token rows are short, build the strip's tokens in cache (masked stores)
-// and copy them out as one run per stage. Without the colour matrix ("rgb") every result is
-// bit-identical to the generic path's; with it, the FMAs may round the float32 sums differently.
-// Regular stores, not non-temporal ones: a batch that fits in the last-level cache stays there.
+// same (image, grid row) strip. Level 1 runs across the whole strip, 16 outputs at a time: it reads the
+// image rows (prefetched two row pairs ahead) and colour-mixes them in registers (no scratch pass), and
+// each output vector lies in one cell, so it is stored straight into that cell's token. Then each cell
+// runs its later levels on its own planes, where every output vector is 16 consecutive features of one
+// token plane: whole-vector loads and stores, no masks. The strip's tokens are built in a per-thread
+// buffer (in cache) and copied out with one memcpy per stage: on large batches that measured faster
+// than vector stores into the tokens themselves, whose level-1 rows are one 64-byte run per (cell, plane).
+// Without the colour matrix ("rgb") every result is bit-identical to the generic path's; with it, the
+// FMAs may round the float32 sums differently.
 #define WAVECLIP_HAS_AVX512_TOKENIZER 1
 #define WAVECLIP_AVX512 __attribute__((target("avx512f")))
 
-// The tokens of one stage for the cells of one strip: cell gx's token starts at base + gx * cell_stride
-// and holds (3, planes, ph, pw) features: planes 3 (the H, V, D bands) or 1 (the approximation).
-struct StripTokens {
-  float* base;
-  int64_t cell_stride, planes, ph, pw;
-  float* row(int64_t gx, int64_t plane, int64_t py) const { return base + gx * cell_stride + (plane * ph + py) * pw; }
-};
-
-// The Haar butterfly of haar_level on 16 output columns, p, q the even and odd pixels of row 2i, r, s
-// those of row 2i + 1, all already multiplied by 1/2: A, H, V, D without haar_level's final
+// The Haar butterfly of haar_level on 16 outputs: p, q the even and odd pixels of the top rows, r, s
+// those of the bottom rows, all already multiplied by 1/2: A, H, V, D without haar_level's final
 // multiplications. Scaling by a power of two is exact (in the normal range), so the results are the
-// same; `next` multiplies A by 1/2 once more, the scaling of the next level's inputs.
+// same; NEXT multiplies A by 1/2 once more, the scaling of the next level's inputs.
 struct Quad {
   __m512 a, h, v, d;
 };
-WAVECLIP_AVX512 inline Quad butterfly(__m512 p, __m512 q, __m512 r, __m512 s, bool next) {
+template <bool NEXT>
+WAVECLIP_AVX512 inline Quad butterfly(__m512 p, __m512 q, __m512 r, __m512 s) {
   const __m512 sum = _mm512_add_ps(p, q), dif = _mm512_sub_ps(p, q);
   const __m512 a = _mm512_add_ps(_mm512_add_ps(sum, r), s);
-  return {next ? _mm512_mul_ps(a, _mm512_set1_ps(0.5f)) : a, _mm512_sub_ps(_mm512_sub_ps(sum, r), s),
+  return {NEXT ? _mm512_mul_ps(a, _mm512_set1_ps(0.5f)) : a, _mm512_sub_ps(_mm512_sub_ps(sum, r), s),
           _mm512_sub_ps(_mm512_add_ps(dif, r), s), _mm512_add_ps(_mm512_sub_ps(dif, r), s)};
 }
 
@@ -418,198 +413,186 @@ WAVECLIP_AVX512 inline __m512 odds(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
 }
 
-// dst[0, n) = src[0, n); the tail through a masked load and store.
-WAVECLIP_AVX512 inline void copy_run_avx512(float* __restrict dst, const float* __restrict src, int64_t n) {
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_loadu_ps(src + k));
-  if (k < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1u);
-    _mm512_mask_storeu_ps(dst + k, tail, _mm512_maskz_loadu_ps(tail, src + k));
-  }
+// Stores the four outputs of one butterfly: H, V, D into three consecutive band planes from `band`
+// (`plane` floats apart), A at `approx`.
+WAVECLIP_AVX512 inline void store_quad(const Quad& o, float* band, int64_t plane, float* approx) {
+  _mm512_storeu_ps(approx, o.a);
+  _mm512_storeu_ps(band, o.h);
+  _mm512_storeu_ps(band + plane, o.v);
+  _mm512_storeu_ps(band + 2 * plane, o.d);
 }
 
-// The first n (<= 16) lanes set.
-inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// Level 1 of one strip, fused with the colour transform: image rows [0, ch) (unit-stride rows, channel
-// planes sC apart, rows sH apart) -> the level-1 bands of every cell into `bands` and the approximation
-// A1 (3, ch/2, W/2) into `approx`, times 1/2 unless `last`. Needs bands.pw % 16 == 0: a vector of 16
-// outputs never spans two cells. The colour matrix, pre-multiplied by 1/2, is applied with FMAs (the
-// float32 sums may round differently from the generic path's, within one rounding).
-WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_t W, int64_t ch,
-                                  const float (&m)[3][3], bool mix, bool last, const StripTokens& bands,
-                                  float* approx) {
-  const int64_t h2 = ch / 2, w2 = W / 2, pw = bands.pw;
+// Level 1 of one strip, fused with the colour transform (MIX: m is the matrix pre-multiplied by 1/2;
+// without it the pixels are multiplied by 1/2 alone): image rows [0, 2 * h2) (unit-stride rows, channel
+// planes sC apart, rows sH apart, W pixels) -> the bands of cell gx (3 channels x [H, V, D], h2, pw) at
+// bands + gx * dim and its approximation (3, h2, pw) at approx + gx * 3 * h2 * pw, times 1/2 unless
+// LAST. Needs pw % 16 == 0: a vector of 16 outputs never spans two cells.
+template <bool MIX, bool LAST>
+WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_t W, int64_t h2, int64_t pw,
+                                  const float (&m)[3][3], float* bands, int64_t dim, float* approx) {
+  const int64_t plane = h2 * pw, cells = W / (2 * pw);
   const __m512 half = _mm512_set1_ps(0.5f);
   __m512 mv[3][3];
   for (int i = 0; i < 3; ++i)
-    for (int k = 0; k < 3; ++k) mv[i][k] = _mm512_set1_ps(0.5f * m[i][k]);
+    for (int k = 0; k < 3; ++k) mv[i][k] = _mm512_set1_ps(m[i][k]);
   for (int64_t py = 0; py < h2; ++py) {
-    const float* rows[2] = {x + 2 * py * sH, x + (2 * py + 1) * sH};
-    for (int64_t j = 0; j < w2; j += 16) {
-      __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
-      for (int r = 0; r < 2; ++r)
+    const float* top = x + 2 * py * sH;
+    const float* bottom = top + sH;
+    for (int64_t gx = 0; gx < cells; ++gx) {
+      float* band = bands + gx * dim + py * pw;
+      float* low = approx + gx * 3 * plane + py * pw;
+      for (int64_t px = 0; px < pw; px += 16) {
+        const int64_t col = 2 * (gx * pw + px);
+        __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
         for (int c = 0; c < 3; ++c)
-          for (int k = 0; k < 2; ++k) t[r][c][k] = _mm512_loadu_ps(rows[r] + c * sC + 2 * j + 16 * k);
-      if (py + 2 < h2)  // the same columns two row pairs on
+          for (int k = 0; k < 2; ++k) {
+            t[0][c][k] = _mm512_loadu_ps(top + c * sC + col + 16 * k);
+            t[1][c][k] = _mm512_loadu_ps(bottom + c * sC + col + 16 * k);
+          }
+        if (py + 2 < h2)  // the same columns two row pairs on
+          for (int c = 0; c < 3; ++c)
+            for (int k = 0; k < 2; ++k) {
+              _mm_prefetch(reinterpret_cast<const char*>(top + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(bottom + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
+            }
         for (int r = 0; r < 2; ++r)
-          for (int c = 0; c < 3; ++c)
-            for (int k = 0; k < 2; ++k)
-              _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 4 * sH + c * sC + 2 * j + 16 * k), _MM_HINT_T0);
-      for (int r = 0; r < 2; ++r)
-        for (int k = 0; k < 2; ++k) {
-          const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
-          for (int c = 0; c < 3; ++c)
-            t[r][c][k] = mix ? _mm512_fmadd_ps(mv[c][2], x2, _mm512_fmadd_ps(mv[c][1], x1, _mm512_mul_ps(mv[c][0], x0)))
-                             : _mm512_mul_ps(t[r][c][k], half);
+          for (int k = 0; k < 2; ++k) {
+            const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
+            for (int c = 0; c < 3; ++c)
+              t[r][c][k] = MIX ? _mm512_fmadd_ps(mv[c][2], x2, _mm512_fmadd_ps(mv[c][1], x1, _mm512_mul_ps(mv[c][0], x0)))
+                               : _mm512_mul_ps(t[r][c][k], half);
+          }
+        for (int c = 0; c < 3; ++c) {
+          const Quad o = butterfly<!LAST>(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
+                                           evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]));
+          store_quad(o, band + 3 * c * plane + px, plane, low + c * plane + px);
         }
-      const int64_t gx = j / pw, px = j % pw;
-      for (int c = 0; c < 3; ++c) {
-        const Quad o = butterfly(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
-                                 evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]), !last);
-        _mm512_storeu_ps(approx + (c * h2 + py) * w2 + j, o.a);
-        _mm512_storeu_ps(bands.row(gx, 3 * c, py) + px, o.h);
-        _mm512_storeu_ps(bands.row(gx, 3 * c + 1, py) + px, o.v);
-        _mm512_storeu_ps(bands.row(gx, 3 * c + 2, py) + px, o.d);
       }
     }
   }
 }
 
-// The part of a vector of 16 outputs of a strip row that falls in one cell: its lanes, and the offset of
-// lane 0 from the start of the cell's token row (negative when the vector starts in an earlier cell).
-struct Piece {
-  int64_t jv, token_offset;  // vector index along the row; cell * cell_stride + (start - cell * pw)
-  __mmask16 lanes;
+// Whether cell_level can run on (ph, pw) output planes: whole vectors of 16 consecutive outputs, each
+// either part of one row (pw a multiple of 16) or 16 / pw whole rows (pw 1, 2, 4 or 8).
+bool cell_level_fits(int64_t ph, int64_t pw) {
+  return pw % 16 == 0 || (pw <= 8 && 16 % pw == 0 && ph % (16 / pw) == 0);
+}
+
+// For outputs of pw <= 8 columns: lanes[0, 16) are the lanes of the 32 floats a:b (16 / pw input rows
+// of 2 * pw) that hold its even rows, in order, and lanes[16, 32) those of its odd rows (unused for pw
+// a multiple of 16, the default).
+struct RowLanes {
+  int32_t lanes[32];
+  explicit RowLanes(int64_t pw = 16) {
+    const int64_t w = 2 * std::min<int64_t>(pw, 8);
+    for (int64_t odd = 0; odd < 2; ++odd)
+      for (int64_t t = 0; t < 16; ++t) lanes[16 * odd + t] = static_cast<int32_t>((2 * (t / w) + odd) * w + t % w);
+  }
 };
 
-// The pieces of the vectors of a row of w outputs for tokens of pw columns and `cell_stride` floats.
-std::vector<Piece> row_pieces(int64_t w, int64_t pw, int64_t cell_stride) {
-  std::vector<Piece> pieces;
-  for (int64_t j = 0; j < w; j += 16) {
-    const int64_t n = std::min<int64_t>(16, w - j);
-    for (int64_t gx = j / pw, first = j; first < j + n; ++gx) {
-      const int64_t end = std::min((gx + 1) * pw, j + n);
-      const auto lanes = static_cast<__mmask16>(((1u << (end - j)) - 1u) & ~((1u << (first - j)) - 1u));
-      pieces.push_back({j / 16, gx * cell_stride + (j - gx * pw), lanes});
-      first = end;
-    }
-  }
-  return pieces;
-}
-
-// One later level of a strip: src (3, h, w), already times 1/2 -> the bands of every cell into `bands`
-// (whose row pieces are `band_pieces`) and the approximation (3, h/2, w/2) into `approx`, times 1/2 (or,
-// when `last`, into the stage-0 tokens, pieces `approx_pieces`). Each row's outputs are computed into
-// `out` (vector, A/H/V/D, 16 lanes) and then stored piece by piece with masked stores (a row's last
-// inputs, fewer than 32, through masked loads).
-WAVECLIP_AVX512 void level_strip(const float* src, int64_t h, int64_t w, bool last, const StripTokens& bands,
-                                 const std::vector<Piece>& band_pieces, float* approx,
-                                 const StripTokens& approx_tokens, const std::vector<Piece>& approx_pieces,
-                                 float* out) {
-  const int64_t h2 = h / 2, w2 = w / 2, vectors = (w2 + 15) / 16;
+// One later level of one cell: src (3, 2 * ph, 2 * pw) contiguous, already times 1/2 -> the bands
+// (3 channels x [H, V, D], ph, pw) at `bands` and the approximation (3, ph, pw) at `approx`, times 1/2
+// unless LAST. Output vector o holds features [16 o, 16 o + 16) of a plane: with pw % 16 == 0 a part of
+// row 16 o / pw, whose inputs are two rows of 32; with pw <= 8 rows 16 o / pw .., whose inputs are the
+// 64 floats from 4 o, split into even and odd rows first (`rows`).
+template <bool LAST>
+WAVECLIP_AVX512 void cell_level(const float* src, int64_t ph, int64_t pw, const RowLanes& rows, float* bands,
+                                float* approx) {
+  const int64_t plane = ph * pw;
+  const __m512i even = _mm512_loadu_si512(rows.lanes), odd = _mm512_loadu_si512(rows.lanes + 16);
   for (int64_t c = 0; c < 3; ++c) {
-    for (int64_t i = 0; i < h2; ++i) {
-      const float* r0 = src + (c * h + 2 * i) * w;
-      const float* r1 = r0 + w;
-      for (int64_t v = 0; v < vectors; ++v) {
-        const int64_t j = 16 * v, n = std::min<int64_t>(16, w2 - j);
-        const __mmask16 lo = first_lanes(std::min<int64_t>(2 * n, 16)), hi = first_lanes(std::max<int64_t>(2 * n - 16, 0));
-        const __m512 p0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * j), p1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * j + 16);
-        const __m512 q0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j), q1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
-        const Quad o = butterfly(evens(p0, p1), odds(p0, p1), evens(q0, q1), odds(q0, q1), !last);
-        _mm512_storeu_ps(&out[64 * v], o.a);
-        _mm512_storeu_ps(&out[64 * v + 16], o.h);
-        _mm512_storeu_ps(&out[64 * v + 32], o.v);
-        _mm512_storeu_ps(&out[64 * v + 48], o.d);
-      }
-      float* rows[3];
-      for (int64_t k = 0; k < 3; ++k) rows[k] = bands.row(0, 3 * c + k, i);
-      for (const Piece& p : band_pieces)
-        for (int64_t k = 0; k < 3; ++k)
-          _mm512_mask_storeu_ps(rows[k] + p.token_offset, p.lanes, _mm512_loadu_ps(&out[64 * p.jv + 16 * (k + 1)]));
-      if (last) {
-        float* row = approx_tokens.row(0, c, i);
-        for (const Piece& p : approx_pieces)
-          _mm512_mask_storeu_ps(row + p.token_offset, p.lanes, _mm512_loadu_ps(&out[64 * p.jv]));
+    const float* in = src + 4 * c * plane;
+    float* band = bands + 3 * c * plane;
+    float* low = approx + c * plane;
+    for (int64_t o = 0; o < plane; o += 16) {
+      __m512 top[2], bottom[2];
+      if (pw % 16 == 0) {
+        const float* row = in + 4 * (o / pw) * pw + 2 * (o % pw);
+        for (int k = 0; k < 2; ++k) {
+          top[k] = _mm512_loadu_ps(row + 16 * k);
+          bottom[k] = _mm512_loadu_ps(row + 2 * pw + 16 * k);
+        }
       } else {
-        for (int64_t v = 0; v < vectors; ++v)
-          _mm512_mask_storeu_ps(approx + (c * h2 + i) * w2 + 16 * v, first_lanes(std::min<int64_t>(16, w2 - 16 * v)),
-                                _mm512_loadu_ps(&out[64 * v]));
+        for (int k = 0; k < 2; ++k) {
+          const __m512 a = _mm512_loadu_ps(in + 4 * o + 32 * k), b = _mm512_loadu_ps(in + 4 * o + 32 * k + 16);
+          top[k] = _mm512_permutex2var_ps(a, even, b);
+          bottom[k] = _mm512_permutex2var_ps(a, odd, b);
+        }
       }
+      const Quad q = butterfly<!LAST>(evens(top[0], top[1]), odds(top[0], top[1]), evens(bottom[0], bottom[1]),
+                                      odds(bottom[0], bottom[1]));
+      store_quad(q, band + o, plane, low + o);
     }
   }
-}
-
-// A strip's last approximation, src (3, h, w) -> the stage-0 tokens of its cells, row pieces `pieces`
-// (levels = 1 only: later levels write their approximation straight into the tokens).
-WAVECLIP_AVX512 void approx_to_tokens(const float* src, int64_t h, int64_t w, const StripTokens& tokens,
-                                      const std::vector<Piece>& pieces) {
-  for (int64_t c = 0; c < 3; ++c)
-    for (int64_t i = 0; i < h; ++i) {
-      const float* in = src + (c * h + i) * w;
-      float* row = tokens.row(0, c, i);
-      for (const Piece& p : pieces)
-        _mm512_mask_storeu_ps(row + p.token_offset, p.lanes, _mm512_maskz_loadu_ps(p.lanes, in + 16 * p.jv));
-    }
 }
 
 // Whether the AVX-512 path takes these images: float32 in and out, unit-stride rows, at least one
-// level, level-1 patches a multiple of 16 wide, and a CPU with AVX-512F.
+// level, level-1 patches a multiple of 16 wide, every later patch fit for cell_level, and a CPU with
+// AVX-512F.
 bool avx512_tokenizer_applies(const at::Tensor& images, const Geometry& g, at::ScalarType out) {
   static const bool cpu_has = __builtin_cpu_supports("avx512f");
-  return cpu_has && images.scalar_type() == at::kFloat && out == at::kFloat && images.stride(3) == 1 &&
-         g.levels >= 1 && g.patch_w(g.levels) % 16 == 0;
+  if (!cpu_has || images.scalar_type() != at::kFloat || out != at::kFloat || images.stride(3) != 1 || g.levels < 1 ||
+      g.patch_w(g.levels) % 16 != 0)
+    return false;
+  for (int64_t s = 0; s < g.levels; ++s)
+    if (!cell_level_fits(g.patch_h(s), g.patch_w(s))) return false;
+  return true;
 }
 
-void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, std::vector<at::Tensor>& out) {
-  const int64_t L = g.levels, ch = g.cell_h(), W = g.width;
-  const int64_t sB = images.stride(0), sC = images.stride(1), sH = images.stride(2);
-  const float* x = images.const_data_ptr<float>();  // (B, 3, H, W), strides (sB, sC, sH, 1)
-  double md[3][3];
-  color_matrix(ycbcr, false, md);
-  float m[3][3];
-  for (int i = 0; i < 3; ++i)
-    for (int k = 0; k < 3; ++k) m[i][k] = static_cast<float>(md[i][k]);
-
-  std::vector<float*> dst(L + 1);  // stage s: (B, G, dim_s) contiguous
-  for (int64_t s = 0; s <= L; ++s) dst[s] = out[s].data_ptr<float>();
-  // The row pieces of every stage below L (fixed by the geometry): stage s >= 1 holds the bands of level
-  // L-s+1, whose rows are W >> (L-s+1) wide; stage 0 the last approximation, W >> L wide.
-  std::vector<std::vector<Piece>> pieces(L);
-  for (int64_t s = 0; s < L; ++s) pieces[s] = row_pieces(W >> (s == 0 ? L : L - s + 1), g.patch_w(s), g.dim(s));
-
-  // Per-thread scratch: two ping-pong strip approximations (A1 is the largest, 3 * ch/2 * W/2), one
-  // output row of level 2 (4 x 16 lanes per vector), and the strip's tokens of stages 0 .. L-1, built in
-  // cache and copied out whole (their runs are short: stored straight to memory, each would touch a cache
-  // line of its own).
-  const int64_t a1 = 3 * (ch / 2) * (W / 2), row_out = 64 * ((W / 4 + 15) / 16);
-  std::vector<int64_t> local_at(L + 1, a1 + a1 / 4 + row_out);
-  for (int64_t s = 1; s <= L; ++s) local_at[s] = local_at[s - 1] + g.grid_w * g.dim(s - 1);
-  const int64_t per_thread = local_at[L];
+template <bool MIX>
+void tokenize_avx512_typed(const float* x, int64_t sB, int64_t sC, int64_t sH, const Geometry& g,
+                           const float (&m)[3][3], const std::vector<float*>& dst) {
+  const int64_t L = g.levels, ch = g.cell_h(), h1 = ch / 2, pw1 = g.patch_w(L), gw = g.grid_w;
+  std::vector<RowLanes> rows(L + 1);  // level lv's, for its outputs of patch_w(L - lv + 1) columns
+  for (int64_t lv = 2; lv <= L; ++lv) rows[lv] = RowLanes(g.patch_w(L - lv + 1));
+  // Per-thread scratch: the strip's tokens of every stage s (gw, dim_s) from local_at[s], the level-1
+  // approximation, cell-major (gw, 3, h1, pw1), and two ping-pong approximations of one cell after it.
+  std::vector<int64_t> local_at(L + 2, 0);
+  for (int64_t s = 0; s <= L; ++s) local_at[s + 1] = local_at[s] + gw * g.dim(s);
+  const int64_t a1_at = local_at[L + 1], cell_a1 = g.dim(L) / 3, pong_at = a1_at + gw * cell_a1, pong = cell_a1 / 4;
+  const int64_t per_thread = pong_at + 2 * pong;
   const int nthreads = at::get_num_threads();
   std::vector<float> scratch(per_thread * nthreads);
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
-    const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * g.grid_w;
+    const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * gw;
     float* mine = scratch.data() + thread * per_thread;
-    float* ping[2] = {mine, mine + a1};
-    float* row = ping[1] + a1 / 4;
-    auto tokens = [&](int64_t s) {  // stage L straight into the output, the others into scratch
-      float* base = s == L ? dst[s] + first_cell * g.dim(s) : mine + local_at[s];
-      return StripTokens{base, g.dim(s), s == 0 ? 1 : 3, g.patch_h(s), g.patch_w(s)};
-    };
-    level1_strip(x + b * sB + gy * ch * sH, sC, sH, W, ch, m, ycbcr, L == 1, tokens(L), ping[0]);
-    if (L == 1) approx_to_tokens(ping[0], ch / 2, W / 2, tokens(0), pieces[0]);
-    int64_t h = ch / 2, w = W / 2;
-    for (int64_t lv = 2; lv <= L; ++lv) {
-      const int64_t s = L - lv + 1;
-      level_strip(ping[lv % 2], h, w, lv == L, tokens(s), pieces[s], ping[(lv + 1) % 2], tokens(0), pieces[0], row);
-      h /= 2;
-      w /= 2;
+    auto token = [&](int64_t s, int64_t gx) { return mine + local_at[s] + gx * g.dim(s); };
+    float* level1 = L == 1 ? token(0, 0) : mine + a1_at;  // levels = 1: A1 is the stage-0 token
+    const float* strip = x + b * sB + gy * ch * sH;
+    if (L == 1)
+      level1_strip<MIX, true>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
+    else
+      level1_strip<MIX, false>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
+    for (int64_t gx = 0; L > 1 && gx < gw; ++gx) {
+      const float* src = level1 + gx * cell_a1;
+      for (int64_t lv = 2; lv <= L; ++lv) {
+        const int64_t s = L - lv + 1;
+        float* approx = lv == L ? token(0, gx) : mine + pong_at + (lv % 2) * pong;
+        if (lv == L)
+          cell_level<true>(src, g.patch_h(s), g.patch_w(s), rows[lv], token(s, gx), approx);
+        else
+          cell_level<false>(src, g.patch_h(s), g.patch_w(s), rows[lv], token(s, gx), approx);
+        src = approx;
+      }
     }
-    for (int64_t s = 0; s < L; ++s)
-      copy_run_avx512(dst[s] + first_cell * g.dim(s), mine + local_at[s], g.grid_w * g.dim(s));
+    for (int64_t s = 0; s <= L; ++s)
+      std::memcpy(dst[s] + first_cell * g.dim(s), token(s, 0), gw * g.dim(s) * sizeof(float));
   });
+}
+
+void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, std::vector<at::Tensor>& out) {
+  const float* x = images.const_data_ptr<float>();  // (B, 3, H, W), strides (sB, sC, sH, 1)
+  double md[3][3];
+  color_matrix(ycbcr, false, md);
+  float m[3][3];  // the colour matrix times 1/2 (the level-1 Haar scaling, exact)
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 3; ++k) m[i][k] = 0.5f * static_cast<float>(md[i][k]);
+  std::vector<float*> dst(g.levels + 1);  // stage s: (B, G, dim_s) contiguous
+  for (int64_t s = 0; s <= g.levels; ++s) dst[s] = out[s].data_ptr<float>();
+  if (ycbcr)
+    tokenize_avx512_typed<true>(x, images.stride(0), images.stride(1), images.stride(2), g, m, dst);
+  else
+    tokenize_avx512_typed<false>(x, images.stride(0), images.stride(1), images.stride(2), g, m, dst);
 }
 #endif
 

@@ -73,15 +73,17 @@ def test_tokenize_honours_out_dtype(dtype, out_dtype):
 
 # --------------------------------------------------------------- the AVX-512 float32 tokenizer
 
-# (levels, grid, (H, W), batch) that the AVX-512 kernel takes (level-1 patches 16 or 32 wide): one level
-# (the approximation copied out last), two vectors per cell row, later levels whose rows end in a
-# partial vector and whose vectors span two and four cells (96 x 160, grid 3 x 5), five levels down to
-# 2 x 2 patches, batch 0.
+# (levels, grid, (H, W), batch) that the AVX-512 kernel takes (level-1 patches a multiple of 16 wide,
+# later patches of whole vectors): one level (the approximation is the stage-0 token), later patch rows
+# of two vectors, of one, and 8, 4, 2 and 1 columns wide (16 / pw rows a vector; a 3 x 5 grid of the
+# 224 px layout), batch 0.
 AVX512_CASES = [
     (1, (2, 3), (64, 96), 2),
+    (2, (1, 1), (16, 128), 2),
     (2, (1, 2), (32, 128), 1),
     (3, (3, 5), (96, 160), 1),
-    (5, (1, 1), (64, 64), 1),
+    (4, (1, 1), (128, 32), 1),
+    (5, (1, 1), (512, 32), 1),
     (2, (1, 1), (32, 32), 0),
 ]
 needs_avx512 = pytest.mark.skipif(
@@ -142,6 +144,9 @@ def test_tokenizer_kernel_choice():
     assert _C.cpu_tokenizer_kernel(x.double(), 1, 2, 3, torch.float64) == "generic"
     assert _C.cpu_tokenizer_kernel(x, 0, 2, 3, torch.float32) == "generic"  # levels=0
     assert _C.cpu_tokenizer_kernel(x, 2, 2, 4, torch.float32) == "generic"  # level-1 patches 12 wide
+    square = torch.randn(1, 3, 64, 64)
+    assert _C.cpu_tokenizer_kernel(square, 4, 1, 1, torch.float32) == "avx512"  # 4 x 4 last patches
+    assert _C.cpu_tokenizer_kernel(square, 5, 1, 1, torch.float32) == "generic"  # 2 x 2: not a whole vector
 
 
 def _layouts(x):
