@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 namespace waveclip {
@@ -176,6 +177,9 @@ void load_run(const in_t* __restrict src, int64_t stride, int64_t n, acc_t* __re
   }
 }
 
+// Per-thread scratch is allocated uninitialized (std::make_unique_for_overwrite): every kernel writes each
+// scratch element before it reads it, so zeroing it would be one more pass per call.
+
 // Runs body(work_item, thread_id) for work items [0, n) on at::get_num_threads() OpenMP threads,
 // statically partitioned. Bodies never throw.
 template <typename F>
@@ -210,11 +214,11 @@ void tokenize_typed(const at::Tensor& images, const Geometry& g, bool ycbcr, std
   // ping-pong approximations of one cell (3, ch/2, cw/2) each and one stage's bands (9, ch/2, cw/2).
   const int64_t band = 3 * ch * W, quarter = 3 * (ch / 2) * (cw / 2), per_thread = band + 5 * quarter;
   const int nthreads = at::get_num_threads();
-  std::vector<acc_t> scratch(per_thread * nthreads);
+  const auto scratch = std::make_unique_for_overwrite<acc_t[]>(per_thread * nthreads);
 
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
     const int64_t b = item / g.grid_h, gy = item % g.grid_h;
-    acc_t* rows = scratch.data() + thread * per_thread;  // (3, ch, W)
+    acc_t* rows = scratch.get() + thread * per_thread;  // (3, ch, W)
     acc_t* ping[2] = {rows + band, rows + band + quarter};
     acc_t* bands = rows + band + 2 * quarter;  // (9, ch/2, cw/2)
     for (int64_t y = 0; y < ch; ++y) {
@@ -278,11 +282,11 @@ void detokenize_typed(const std::vector<at::Tensor>& tokens, const Geometry& g, 
   // of one cell (3, ch/2, cw/2) each, and one stage's bands (9, ch/2, cw/2).
   const int64_t band = 3 * ch * W, quarter = 3 * (ch / 2) * (cw / 2), per_thread = band + 5 * quarter;
   const int nthreads = at::get_num_threads();
-  std::vector<acc_t> scratch(per_thread * nthreads);
+  const auto scratch = std::make_unique_for_overwrite<acc_t[]>(per_thread * nthreads);
 
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
     const int64_t b = item / g.grid_h, gy = item % g.grid_h;
-    acc_t* rows = scratch.data() + thread * per_thread;  // (3, ch, W)
+    acc_t* rows = scratch.get() + thread * per_thread;  // (3, ch, W)
     acc_t* ping[2] = {rows + band, rows + band + quarter};
     acc_t* bands = rows + band + 2 * quarter;  // (9, ch/2, cw/2)
     for (int64_t gx = 0; gx < g.grid_w; ++gx) {
@@ -552,10 +556,10 @@ void tokenize_avx512_typed(const float* x, int64_t sB, int64_t sC, int64_t sH, c
   const int64_t a1_at = local_at[L + 1], cell_a1 = g.dim(L) / 3, pong_at = a1_at + gw * cell_a1, pong = cell_a1 / 4;
   const int64_t per_thread = pong_at + 2 * pong;
   const int nthreads = at::get_num_threads();
-  std::vector<float> scratch(per_thread * nthreads);
+  const auto scratch = std::make_unique_for_overwrite<float[]>(per_thread * nthreads);
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
     const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * gw;
-    float* mine = scratch.data() + thread * per_thread;
+    float* mine = scratch.get() + thread * per_thread;
     auto token = [&](int64_t s, int64_t gx) { return mine + local_at[s] + gx * g.dim(s); };
     float* level1 = L == 1 ? token(0, 0) : mine + a1_at;  // levels = 1: A1 is the stage-0 token
     const float* strip = x + b * sB + gy * ch * sH;
