@@ -506,7 +506,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return waveclip::cpu_tokenizer_kernel(images, g, out_dtype);
       },
       py::arg("images"), py::arg("levels"), py::arg("grid_h"), py::arg("grid_w"), py::arg("out_dtype"),
-      "Which CPU tokenizer kernel these images take: \"avx512\" or \"generic\".");
+      "Which CPU tokenizer kernel these images take: \"avx512\", \"avx512-stream\" or \"generic\".");
   m.def("wavelet_detokenize", &waveclip::wavelet_detokenize, release(), py::arg("tokens"), py::arg("levels"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("color"), py::arg("height"), py::arg("width"));
   m.def(

@@ -383,14 +383,15 @@ struct ScatterSide {
 #if defined(__x86_64__) && defined(__GNUC__)
 // The float32 tokenizer with AVX-512, picked at run time on CPUs that have it. The unit of work is the
 // same (image, grid row) strip. Level 1 runs across the whole strip, 16 outputs at a time: it reads the
-// image rows (prefetched two row pairs ahead) and colour-mixes them in registers (no scratch pass), and
-// each output vector lies in one cell, so it is stored straight into that cell's token. Then each cell
-// runs its later levels on its own planes, where every output vector is 16 consecutive features of one
-// token plane: whole-vector loads and stores, no masks. The strip's tokens are built in a per-thread
-// buffer (in cache) and copied out with one memcpy per stage: on large batches that measured faster
-// than vector stores into the tokens themselves, whose level-1 rows are one 64-byte run per (cell, plane).
-// Without the colour matrix ("rgb") every result is bit-identical to the generic path's; with it, the
-// FMAs may round the float32 sums differently.
+// image rows (prefetched two row pairs ahead, into the next strip at its end) and colour-mixes them in
+// registers (no scratch pass); each output vector lies in one cell, so its bands are stored straight
+// into that cell's token and its approximation into a cell-major scratch. Then each cell runs its later
+// levels on its own planes, where every output vector is 16 consecutive features of one token plane.
+// Every token store is one whole, aligned 64-byte line, so on large outputs the stores are non-temporal
+// (STREAM): the lines go to memory without being read first, and the kernel moves the bytes of a copy.
+// Small outputs take regular stores and stay in cache for whatever reads them next. Without the colour
+// matrix ("rgb") every result is bit-identical to the generic path's; with it, the FMAs may round the
+// float32 sums differently.
 #define WAVECLIP_HAS_AVX512_TOKENIZER 1
 #define WAVECLIP_AVX512 __attribute__((target("avx512f")))
 
@@ -417,21 +418,32 @@ WAVECLIP_AVX512 inline __m512 odds(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
 }
 
+// One vector store; STREAM: non-temporal, to a 64-byte aligned address.
+template <bool STREAM>
+WAVECLIP_AVX512 inline void store_vector(float* at, __m512 v) {
+  if constexpr (STREAM)
+    _mm512_stream_ps(at, v);
+  else
+    _mm512_storeu_ps(at, v);
+}
+
 // Stores the four outputs of one butterfly: H, V, D into three consecutive band planes from `band`
-// (`plane` floats apart), A at `approx`.
+// (`plane` floats apart), A at `approx`. A is streamed too when it is a token (STREAM_A).
+template <bool STREAM, bool STREAM_A>
 WAVECLIP_AVX512 inline void store_quad(const Quad& o, float* band, int64_t plane, float* approx) {
-  _mm512_storeu_ps(approx, o.a);
-  _mm512_storeu_ps(band, o.h);
-  _mm512_storeu_ps(band + plane, o.v);
-  _mm512_storeu_ps(band + 2 * plane, o.d);
+  store_vector<STREAM_A>(approx, o.a);
+  store_vector<STREAM>(band, o.h);
+  store_vector<STREAM>(band + plane, o.v);
+  store_vector<STREAM>(band + 2 * plane, o.d);
 }
 
 // Level 1 of one strip, fused with the colour transform (MIX: m is the matrix pre-multiplied by 1/2;
 // without it the pixels are multiplied by 1/2 alone): image rows [0, 2 * h2) (unit-stride rows, channel
 // planes sC apart, rows sH apart, W pixels) -> the bands of cell gx (3 channels x [H, V, D], h2, pw) at
 // bands + gx * dim and its approximation (3, h2, pw) at approx + gx * 3 * h2 * pw, times 1/2 unless
-// LAST. Needs pw % 16 == 0: a vector of 16 outputs never spans two cells.
-template <bool MIX, bool LAST>
+// LAST. Needs pw % 16 == 0: a vector of 16 outputs never spans two cells. The prefetches run two row
+// pairs ahead, past the strip's end into the next one (a prefetch never faults, whatever the address).
+template <bool MIX, bool LAST, bool STREAM>
 WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_t W, int64_t h2, int64_t pw,
                                   const float (&m)[3][3], float* bands, int64_t dim, float* approx) {
   const int64_t plane = h2 * pw, cells = W / (2 * pw);
@@ -453,12 +465,11 @@ WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_
             t[0][c][k] = _mm512_loadu_ps(top + c * sC + col + 16 * k);
             t[1][c][k] = _mm512_loadu_ps(bottom + c * sC + col + 16 * k);
           }
-        if (py + 2 < h2)  // the same columns two row pairs on
-          for (int c = 0; c < 3; ++c)
-            for (int k = 0; k < 2; ++k) {
-              _mm_prefetch(reinterpret_cast<const char*>(top + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(bottom + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
-            }
+        for (int c = 0; c < 3; ++c)  // the same columns two row pairs on
+          for (int k = 0; k < 2; ++k) {
+            _mm_prefetch(reinterpret_cast<const char*>(top + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(bottom + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
+          }
         for (int r = 0; r < 2; ++r)
           for (int k = 0; k < 2; ++k) {
             const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
@@ -469,7 +480,7 @@ WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_
         for (int c = 0; c < 3; ++c) {
           const Quad o = butterfly<!LAST>(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
                                            evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]));
-          store_quad(o, band + 3 * c * plane + px, plane, low + c * plane + px);
+          store_quad<STREAM, STREAM && LAST>(o, band + 3 * c * plane + px, plane, low + c * plane + px);
         }
       }
     }
@@ -498,8 +509,9 @@ struct RowLanes {
 // (3 channels x [H, V, D], ph, pw) at `bands` and the approximation (3, ph, pw) at `approx`, times 1/2
 // unless LAST. Output vector o holds features [16 o, 16 o + 16) of a plane: with pw % 16 == 0 a part of
 // row 16 o / pw, whose inputs are two rows of 32; with pw <= 8 rows 16 o / pw .., whose inputs are the
-// 64 floats from 4 o, split into even and odd rows first (`rows`).
-template <bool LAST>
+// 64 floats from 4 o, split into even and odd rows first (`rows`). The bands are tokens (streamed when
+// STREAM), the approximation a token only when LAST.
+template <bool LAST, bool STREAM>
 WAVECLIP_AVX512 void cell_level(const float* src, int64_t ph, int64_t pw, const RowLanes& rows, float* bands,
                                 float* approx) {
   const int64_t plane = ph * pw;
@@ -525,7 +537,7 @@ WAVECLIP_AVX512 void cell_level(const float* src, int64_t ph, int64_t pw, const 
       }
       const Quad q = butterfly<!LAST>(evens(top[0], top[1]), odds(top[0], top[1]), evens(bottom[0], bottom[1]),
                                       odds(bottom[0], bottom[1]));
-      store_quad(q, band + o, plane, low + o);
+      store_quad<STREAM, STREAM && LAST>(q, band + o, plane, low + o);
     }
   }
 }
@@ -543,44 +555,49 @@ bool avx512_tokenizer_applies(const at::Tensor& images, const Geometry& g, at::S
   return true;
 }
 
-template <bool MIX>
+// Outputs above this size take non-temporal stores: measured on a 2-core AMD EPYC (48 KiB L1d, 1 MiB L2),
+// regular stores win up to 4 images at 224 px (2.4 MB of tokens), streaming from 8 (4.8 MB).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+// Whether the AVX-512 kernel streams these tokens: their float32 bytes over kStreamBytes.
+bool avx512_tokenizer_streams(const Geometry& g) {
+  int64_t bytes = 0;
+  for (int64_t s = 0; s <= g.levels; ++s) bytes += g.batch * g.cells() * g.dim(s) * int64_t(sizeof(float));
+  return bytes > kStreamBytes;
+}
+
+template <bool MIX, bool STREAM>
 void tokenize_avx512_typed(const float* x, int64_t sB, int64_t sC, int64_t sH, const Geometry& g,
                            const float (&m)[3][3], const std::vector<float*>& dst) {
   const int64_t L = g.levels, ch = g.cell_h(), h1 = ch / 2, pw1 = g.patch_w(L), gw = g.grid_w;
   std::vector<RowLanes> rows(L + 1);  // level lv's, for its outputs of patch_w(L - lv + 1) columns
   for (int64_t lv = 2; lv <= L; ++lv) rows[lv] = RowLanes(g.patch_w(L - lv + 1));
-  // Per-thread scratch: the strip's tokens of every stage s (gw, dim_s) from local_at[s], the level-1
-  // approximation, cell-major (gw, 3, h1, pw1), and two ping-pong approximations of one cell after it.
-  std::vector<int64_t> local_at(L + 2, 0);
-  for (int64_t s = 0; s <= L; ++s) local_at[s + 1] = local_at[s] + gw * g.dim(s);
-  const int64_t a1_at = local_at[L + 1], cell_a1 = g.dim(L) / 3, pong_at = a1_at + gw * cell_a1, pong = cell_a1 / 4;
-  const int64_t per_thread = pong_at + 2 * pong;
+  // Per-thread scratch: the level-1 approximation of the strip, cell-major (gw, 3, h1, pw1), and two
+  // ping-pong approximations of one cell after it.
+  const int64_t cell_a1 = g.dim(L) / 3, pong = cell_a1 / 4, per_thread = gw * cell_a1 + 2 * pong;
   const int nthreads = at::get_num_threads();
   const auto scratch = std::make_unique_for_overwrite<float[]>(per_thread * nthreads);
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
     const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * gw;
-    float* mine = scratch.get() + thread * per_thread;
-    auto token = [&](int64_t s, int64_t gx) { return mine + local_at[s] + gx * g.dim(s); };
-    float* level1 = L == 1 ? token(0, 0) : mine + a1_at;  // levels = 1: A1 is the stage-0 token
+    float* level1 = scratch.get() + thread * per_thread;
+    float* pongs = level1 + gw * cell_a1;
+    auto token = [&](int64_t s, int64_t gx) { return dst[s] + (first_cell + gx) * g.dim(s); };
     const float* strip = x + b * sB + gy * ch * sH;
-    if (L == 1)
-      level1_strip<MIX, true>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
+    if (L == 1)  // A1 is the stage-0 token
+      level1_strip<MIX, true, STREAM>(strip, sC, sH, g.width, h1, pw1, m, token(1, 0), g.dim(1), token(0, 0));
     else
-      level1_strip<MIX, false>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
+      level1_strip<MIX, false, STREAM>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
     for (int64_t gx = 0; L > 1 && gx < gw; ++gx) {
       const float* src = level1 + gx * cell_a1;
-      for (int64_t lv = 2; lv <= L; ++lv) {
-        const int64_t s = L - lv + 1;
-        float* approx = lv == L ? token(0, gx) : mine + pong_at + (lv % 2) * pong;
-        if (lv == L)
-          cell_level<true>(src, g.patch_h(s), g.patch_w(s), rows[lv], token(s, gx), approx);
-        else
-          cell_level<false>(src, g.patch_h(s), g.patch_w(s), rows[lv], token(s, gx), approx);
+      for (int64_t lv = 2; lv < L; ++lv) {
+        float* approx = pongs + (lv % 2) * pong;
+        cell_level<false, STREAM>(src, g.patch_h(L - lv + 1), g.patch_w(L - lv + 1), rows[lv], token(L - lv + 1, gx),
+                                  approx);
         src = approx;
       }
+      cell_level<true, STREAM>(src, g.patch_h(1), g.patch_w(1), rows[L], token(1, gx), token(0, gx));
     }
-    for (int64_t s = 0; s <= L; ++s)
-      std::memcpy(dst[s] + first_cell * g.dim(s), token(s, 0), gw * g.dim(s) * sizeof(float));
+    if constexpr (STREAM) _mm_sfence();  // this thread's streamed lines are visible before the op returns
   });
 }
 
@@ -592,11 +609,22 @@ void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, st
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) m[i][k] = 0.5f * static_cast<float>(md[i][k]);
   std::vector<float*> dst(g.levels + 1);  // stage s: (B, G, dim_s) contiguous
-  for (int64_t s = 0; s <= g.levels; ++s) dst[s] = out[s].data_ptr<float>();
-  if (ycbcr)
-    tokenize_avx512_typed<true>(x, images.stride(0), images.stride(1), images.stride(2), g, m, dst);
+  for (int64_t s = 0; s <= g.levels; ++s) {
+    dst[s] = out[s].data_ptr<float>();
+    // Token dims and plane offsets are multiples of 16 floats: every store is aligned if the tensor is.
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(dst[s]) % 64 == 0, "wavelet_tokenize: stage ", s,
+                " tokens are not 64-byte aligned");
+  }
+  const int64_t sB = images.stride(0), sC = images.stride(1), sH = images.stride(2);
+  const bool stream = avx512_tokenizer_streams(g);
+  if (ycbcr && stream)
+    tokenize_avx512_typed<true, true>(x, sB, sC, sH, g, m, dst);
+  else if (ycbcr)
+    tokenize_avx512_typed<true, false>(x, sB, sC, sH, g, m, dst);
+  else if (stream)
+    tokenize_avx512_typed<false, true>(x, sB, sC, sH, g, m, dst);
   else
-    tokenize_avx512_typed<false>(x, images.stride(0), images.stride(1), images.stride(2), g, m, dst);
+    tokenize_avx512_typed<false, false>(x, sB, sC, sH, g, m, dst);
 }
 #endif
 
@@ -604,7 +632,7 @@ void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, st
 
 std::string cpu_tokenizer_kernel(const at::Tensor& images, const Geometry& g, at::ScalarType out_dtype) {
 #ifdef WAVECLIP_HAS_AVX512_TOKENIZER
-  if (avx512_tokenizer_applies(images, g, out_dtype)) return "avx512";
+  if (avx512_tokenizer_applies(images, g, out_dtype)) return avx512_tokenizer_streams(g) ? "avx512-stream" : "avx512";
 #endif
   return "generic";
 }

@@ -86,6 +86,9 @@ AVX512_CASES = [
     (5, (1, 1), (512, 32), 1),
     (2, (1, 1), (32, 32), 0),
 ]
+# Outputs over 4 MiB take non-temporal stores: the 224 px layout with three levels, and with one (A1 is
+# then the stage-0 token, streamed by level 1 itself).
+AVX512_STREAM_CASES = [(3, (7, 7), (224, 224), 8), (1, (7, 7), (224, 224), 7)]
 needs_avx512 = pytest.mark.skipif(
     _C.cpu_tokenizer_kernel(torch.empty(1, 3, 64, 64), 1, 2, 2, torch.float32) != "avx512",
     reason="this CPU has no AVX-512F",
@@ -93,14 +96,15 @@ needs_avx512 = pytest.mark.skipif(
 
 
 @needs_avx512
-@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES)
+@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES + AVX512_STREAM_CASES)
 def test_avx512_tokenizer_rgb_is_bit_identical_to_the_reference(levels, grid, size, batch):
     """Without the colour matrix the kernel's arithmetic is the reference's, so float32 tokens are equal
     bit for bit: a misplaced or missing output anywhere shows up (NaN included)."""
     x = torch.randn(batch, 3, *size)
     if batch:
         x[0, 1, 5, 7] = float("nan")
-    assert _C.cpu_tokenizer_kernel(x, levels, *grid, torch.float32) == "avx512"
+    streams = (levels, grid, size, batch) in AVX512_STREAM_CASES
+    assert _C.cpu_tokenizer_kernel(x, levels, *grid, torch.float32) == ("avx512-stream" if streams else "avx512")
     out = tokenize(x, levels, grid, "rgb")
     for o, e in zip(out, ref.wavelet_tokenize(x, levels, grid, "rgb"), strict=True):
         assert o.shape == e.shape and o.is_contiguous()
@@ -108,7 +112,7 @@ def test_avx512_tokenizer_rgb_is_bit_identical_to_the_reference(levels, grid, si
 
 
 @needs_avx512
-@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES)
+@pytest.mark.parametrize("levels,grid,size,batch", AVX512_CASES + AVX512_STREAM_CASES)
 def test_avx512_tokenizer_ycbcr_within_torch_error(levels, grid, size, batch):
     x = torch.randn(batch, 3, *size)
     out = tokenize(x, levels, grid, "ycbcr")
@@ -147,6 +151,9 @@ def test_tokenizer_kernel_choice():
     square = torch.randn(1, 3, 64, 64)
     assert _C.cpu_tokenizer_kernel(square, 4, 1, 1, torch.float32) == "avx512"  # 4 x 4 last patches
     assert _C.cpu_tokenizer_kernel(square, 5, 1, 1, torch.float32) == "generic"  # 2 x 2: not a whole vector
+    # Non-temporal stores above 4 MiB of tokens (602,112 bytes per 224 px image).
+    assert _C.cpu_tokenizer_kernel(torch.randn(6, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512"
+    assert _C.cpu_tokenizer_kernel(torch.randn(7, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512-stream"
 
 
 def _layouts(x):
