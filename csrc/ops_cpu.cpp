@@ -382,16 +382,15 @@ struct ScatterSide {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The float32 tokenizer with AVX-512, picked at run time on CPUs that have it. The unit of work is the
-// same (image, grid row) strip. Level 1 runs across the whole strip, 16 outputs at a time: it reads the
-// image rows (prefetched two row pairs ahead, into the next strip at its end) and colour-mixes them in
-// registers (no scratch pass); each output vector lies in one cell, so its bands are stored straight
-// into that cell's token and its approximation into a cell-major scratch. Then each cell runs its later
-// levels on its own planes, where every output vector is 16 consecutive features of one token plane.
-// Every token store is one whole, aligned 64-byte line, so on large outputs the stores are non-temporal
-// (STREAM): the lines go to memory without being read first, and the kernel moves the bytes of a copy.
-// Small outputs take regular stores and stay in cache for whatever reads them next. Without the colour
-// matrix ("rgb") every result is bit-identical to the generic path's; with it, the FMAs may round the
-// float32 sums differently.
+// same (image, grid row) strip, taken one cell at a time: level 1 reads the cell's image rows (prefetched
+// twelve row pairs ahead, into the next cell and the next strip) and colour-mixes them in registers (no
+// scratch pass), storing the bands straight into the cell's token and the approximation into a one-cell
+// scratch; then the cell's later levels run on its own planes in cache, every output vector 16
+// consecutive features of one token plane. Every token store is one whole, aligned 64-byte line, so on
+// outputs larger than a core's L2 the stores are non-temporal (STREAM): the lines go to memory without
+// being read first, and the kernel moves the bytes of a copy. Without the colour matrix ("rgb") every
+// result is bit-identical to the generic path's; with it, the FMAs may round the float32 sums
+// differently.
 #define WAVECLIP_HAS_AVX512_TOKENIZER 1
 #define WAVECLIP_AVX512 __attribute__((target("avx512f")))
 
@@ -437,51 +436,59 @@ WAVECLIP_AVX512 inline void store_quad(const Quad& o, float* band, int64_t plane
   store_vector<STREAM>(band + 2 * plane, o.d);
 }
 
-// Level 1 of one strip, fused with the colour transform (MIX: m is the matrix pre-multiplied by 1/2;
-// without it the pixels are multiplied by 1/2 alone): image rows [0, 2 * h2) (unit-stride rows, channel
-// planes sC apart, rows sH apart, W pixels) -> the bands of cell gx (3 channels x [H, V, D], h2, pw) at
-// bands + gx * dim and its approximation (3, h2, pw) at approx + gx * 3 * h2 * pw, times 1/2 unless
-// LAST. Needs pw % 16 == 0: a vector of 16 outputs never spans two cells. The prefetches run two row
-// pairs ahead, past the strip's end into the next one (a prefetch never faults, whatever the address).
+// How far ahead level 1 prefetches its image rows, in row pairs of the strip's (cell, row pair) order:
+// on into the next cells and past the strip's end into the next strip (a prefetch never faults,
+// whatever the address). Measured best at 12-14 for 16-wide patches; 2, 4 and 8 were slower.
+constexpr int64_t kPrefetchRowPairs = 12;
+
+// Level 1 of cell gx of a strip, fused with the colour transform (MIX: m is the matrix pre-multiplied by
+// 1/2; without it the pixels are multiplied by 1/2 alone): image rows [0, 2 * h2) of the strip at x
+// (unit-stride rows, channel planes sC apart, rows sH apart, `cells` cells of 2 * pw pixels), columns
+// [2 * pw * gx, 2 * pw * (gx + 1)) -> the cell's bands (3 channels x [H, V, D], h2, pw) at `bands` and
+// its approximation (3, h2, pw) at `approx`, times 1/2 unless LAST. Needs pw % 16 == 0.
 template <bool MIX, bool LAST, bool STREAM>
-WAVECLIP_AVX512 void level1_strip(const float* x, int64_t sC, int64_t sH, int64_t W, int64_t h2, int64_t pw,
-                                  const float (&m)[3][3], float* bands, int64_t dim, float* approx) {
-  const int64_t plane = h2 * pw, cells = W / (2 * pw);
+WAVECLIP_AVX512 void level1_cell(const float* x, int64_t sC, int64_t sH, int64_t h2, int64_t pw, int64_t gx,
+                                 int64_t cells, const float (&m)[3][3], float* bands, float* approx) {
+  const int64_t plane = h2 * pw;
   const __m512 half = _mm512_set1_ps(0.5f);
   __m512 mv[3][3];
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) mv[i][k] = _mm512_set1_ps(m[i][k]);
+  // The row pair kPrefetchRowPairs on: row pair `ahead_row` of cell `ahead_cell`, `ahead_strip` strips on.
+  const int64_t ahead = gx * h2 + kPrefetchRowPairs;
+  int64_t ahead_strip = ahead / (h2 * cells), ahead_cell = ahead / h2 % cells, ahead_row = ahead % h2;
   for (int64_t py = 0; py < h2; ++py) {
     const float* top = x + 2 * py * sH;
     const float* bottom = top + sH;
-    for (int64_t gx = 0; gx < cells; ++gx) {
-      float* band = bands + gx * dim + py * pw;
-      float* low = approx + gx * 3 * plane + py * pw;
-      for (int64_t px = 0; px < pw; px += 16) {
-        const int64_t col = 2 * (gx * pw + px);
-        __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
-        for (int c = 0; c < 3; ++c)
-          for (int k = 0; k < 2; ++k) {
-            t[0][c][k] = _mm512_loadu_ps(top + c * sC + col + 16 * k);
-            t[1][c][k] = _mm512_loadu_ps(bottom + c * sC + col + 16 * k);
-          }
-        for (int c = 0; c < 3; ++c)  // the same columns two row pairs on
-          for (int k = 0; k < 2; ++k) {
-            _mm_prefetch(reinterpret_cast<const char*>(top + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(bottom + 4 * sH + c * sC + col + 16 * k), _MM_HINT_T0);
-          }
-        for (int r = 0; r < 2; ++r)
-          for (int k = 0; k < 2; ++k) {
-            const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
-            for (int c = 0; c < 3; ++c)
-              t[r][c][k] = MIX ? _mm512_fmadd_ps(mv[c][2], x2, _mm512_fmadd_ps(mv[c][1], x1, _mm512_mul_ps(mv[c][0], x0)))
-                               : _mm512_mul_ps(t[r][c][k], half);
-          }
-        for (int c = 0; c < 3; ++c) {
-          const Quad o = butterfly<!LAST>(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
-                                           evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]));
-          store_quad<STREAM, STREAM && LAST>(o, band + 3 * c * plane + px, plane, low + c * plane + px);
+    const float* next = x + 2 * (ahead_strip * h2 + ahead_row) * sH;
+    for (int64_t px = 0; px < pw; px += 16) {
+      const int64_t col = 2 * (gx * pw + px), next_col = 2 * (ahead_cell * pw + px);
+      __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
+      for (int c = 0; c < 3; ++c)
+        for (int k = 0; k < 2; ++k) {
+          t[0][c][k] = _mm512_loadu_ps(top + c * sC + col + 16 * k);
+          t[1][c][k] = _mm512_loadu_ps(bottom + c * sC + col + 16 * k);
+          _mm_prefetch(reinterpret_cast<const char*>(next + c * sC + next_col + 16 * k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(next + sH + c * sC + next_col + 16 * k), _MM_HINT_T0);
         }
+      for (int r = 0; r < 2; ++r)
+        for (int k = 0; k < 2; ++k) {
+          const __m512 x0 = t[r][0][k], x1 = t[r][1][k], x2 = t[r][2][k];
+          for (int c = 0; c < 3; ++c)
+            t[r][c][k] = MIX ? _mm512_fmadd_ps(mv[c][2], x2, _mm512_fmadd_ps(mv[c][1], x1, _mm512_mul_ps(mv[c][0], x0)))
+                             : _mm512_mul_ps(t[r][c][k], half);
+        }
+      for (int c = 0; c < 3; ++c) {
+        const Quad o = butterfly<!LAST>(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
+                                         evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]));
+        store_quad<STREAM, STREAM && LAST>(o, bands + 3 * c * plane + py * pw + px, plane, approx + c * plane + py * pw + px);
+      }
+    }
+    if (++ahead_row == h2) {
+      ahead_row = 0;
+      if (++ahead_cell == cells) {
+        ahead_cell = 0;
+        ++ahead_strip;
       }
     }
   }
@@ -555,9 +562,10 @@ bool avx512_tokenizer_applies(const at::Tensor& images, const Geometry& g, at::S
   return true;
 }
 
-// Outputs above this size take non-temporal stores: measured on a 2-core AMD EPYC (48 KiB L1d, 1 MiB L2),
-// regular stores win up to 4 images at 224 px (2.4 MB of tokens), streaming from 8 (4.8 MB).
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
+// Outputs above this size (one core's L2) take non-temporal stores. Measured on a 2-core AMD EPYC (48 KiB
+// L1d, 1 MiB L2): regular stores are 7% faster on one 224 px image (0.6 MB of tokens), streaming is
+// faster from 4 images (2.4 MB) and twice as fast from 8.
+constexpr int64_t kStreamBytes = int64_t(1) << 20;
 
 // Whether the AVX-512 kernel streams these tokens: their float32 bytes over kStreamBytes.
 bool avx512_tokenizer_streams(const Geometry& g) {
@@ -572,23 +580,24 @@ void tokenize_avx512_typed(const float* x, int64_t sB, int64_t sC, int64_t sH, c
   const int64_t L = g.levels, ch = g.cell_h(), h1 = ch / 2, pw1 = g.patch_w(L), gw = g.grid_w;
   std::vector<RowLanes> rows(L + 1);  // level lv's, for its outputs of patch_w(L - lv + 1) columns
   for (int64_t lv = 2; lv <= L; ++lv) rows[lv] = RowLanes(g.patch_w(L - lv + 1));
-  // Per-thread scratch: the level-1 approximation of the strip, cell-major (gw, 3, h1, pw1), and two
-  // ping-pong approximations of one cell after it.
-  const int64_t cell_a1 = g.dim(L) / 3, pong = cell_a1 / 4, per_thread = gw * cell_a1 + 2 * pong;
+  // Per-thread scratch: one cell's level-1 approximation (3, h1, pw1) and two ping-pong approximations
+  // after it.
+  const int64_t cell_a1 = g.dim(L) / 3, pong = cell_a1 / 4, per_thread = cell_a1 + 2 * pong;
   const int nthreads = at::get_num_threads();
   const auto scratch = std::make_unique_for_overwrite<float[]>(per_thread * nthreads);
   parallel_items(g.batch * g.grid_h, nthreads, [&](int64_t item, int thread) {
     const int64_t b = item / g.grid_h, gy = item % g.grid_h, first_cell = b * g.cells() + gy * gw;
     float* level1 = scratch.get() + thread * per_thread;
-    float* pongs = level1 + gw * cell_a1;
+    float* pongs = level1 + cell_a1;
     auto token = [&](int64_t s, int64_t gx) { return dst[s] + (first_cell + gx) * g.dim(s); };
     const float* strip = x + b * sB + gy * ch * sH;
-    if (L == 1)  // A1 is the stage-0 token
-      level1_strip<MIX, true, STREAM>(strip, sC, sH, g.width, h1, pw1, m, token(1, 0), g.dim(1), token(0, 0));
-    else
-      level1_strip<MIX, false, STREAM>(strip, sC, sH, g.width, h1, pw1, m, token(L, 0), g.dim(L), level1);
-    for (int64_t gx = 0; L > 1 && gx < gw; ++gx) {
-      const float* src = level1 + gx * cell_a1;
+    for (int64_t gx = 0; gx < gw; ++gx) {
+      if (L == 1) {  // A1 is the stage-0 token
+        level1_cell<MIX, true, STREAM>(strip, sC, sH, h1, pw1, gx, gw, m, token(1, gx), token(0, gx));
+        continue;
+      }
+      level1_cell<MIX, false, STREAM>(strip, sC, sH, h1, pw1, gx, gw, m, token(L, gx), level1);
+      const float* src = level1;
       for (int64_t lv = 2; lv < L; ++lv) {
         float* approx = pongs + (lv % 2) * pong;
         cell_level<false, STREAM>(src, g.patch_h(L - lv + 1), g.patch_w(L - lv + 1), rows[lv], token(L - lv + 1, gx),

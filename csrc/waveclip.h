@@ -91,7 +91,7 @@ std::vector<at::Tensor> wavelet_tokenize_cpu(const at::Tensor& images, const Geo
 
 // Which CPU tokenizer kernel these images take: "avx512" (float32 in and out, unit-stride rows, at least
 // one level, level-1 patches a multiple of 16 wide, later patches that tile into vectors of 16, a CPU
-// with AVX-512F), "avx512-stream" (the same with non-temporal token stores, for outputs over 4 MiB) or
+// with AVX-512F), "avx512-stream" (the same with non-temporal token stores, for outputs over 1 MiB) or
 // "generic".
 std::string cpu_tokenizer_kernel(const at::Tensor& images, const Geometry& g, at::ScalarType out_dtype);
 

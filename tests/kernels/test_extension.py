@@ -86,9 +86,9 @@ AVX512_CASES = [
     (5, (1, 1), (512, 32), 1),
     (2, (1, 1), (32, 32), 0),
 ]
-# Outputs over 4 MiB take non-temporal stores: the 224 px layout with three levels, and with one (A1 is
+# Outputs over 1 MiB take non-temporal stores: the 224 px layout with three levels, and with one (A1 is
 # then the stage-0 token, streamed by level 1 itself).
-AVX512_STREAM_CASES = [(3, (7, 7), (224, 224), 8), (1, (7, 7), (224, 224), 7)]
+AVX512_STREAM_CASES = [(3, (7, 7), (224, 224), 3), (1, (7, 7), (224, 224), 2)]
 needs_avx512 = pytest.mark.skipif(
     _C.cpu_tokenizer_kernel(torch.empty(1, 3, 64, 64), 1, 2, 2, torch.float32) != "avx512",
     reason="this CPU has no AVX-512F",
@@ -151,9 +151,9 @@ def test_tokenizer_kernel_choice():
     square = torch.randn(1, 3, 64, 64)
     assert _C.cpu_tokenizer_kernel(square, 4, 1, 1, torch.float32) == "avx512"  # 4 x 4 last patches
     assert _C.cpu_tokenizer_kernel(square, 5, 1, 1, torch.float32) == "generic"  # 2 x 2: not a whole vector
-    # Non-temporal stores above 4 MiB of tokens (602,112 bytes per 224 px image).
-    assert _C.cpu_tokenizer_kernel(torch.randn(6, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512"
-    assert _C.cpu_tokenizer_kernel(torch.randn(7, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512-stream"
+    # Non-temporal stores above 1 MiB of tokens (602,112 bytes per 224 px image).
+    assert _C.cpu_tokenizer_kernel(torch.randn(1, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512"
+    assert _C.cpu_tokenizer_kernel(torch.randn(2, 3, 224, 224), 3, 7, 7, torch.float32) == "avx512-stream"
 
 
 def _layouts(x):
