@@ -106,6 +106,41 @@ def time_fn(
     return Timing(ms=statistics.median(times), ms_min=min(times), reps=reps, cpu_ms=cpu_ms)
 
 
+def time_alternating(
+    fn: Callable[[], object], baseline: Callable[[], object], device: str | torch.device, *, budget_s: float = 1.0
+) -> tuple[float, float]:
+    """Median wall ms of `fn()` and of `baseline()` with their calls alternated (synchronized on a GPU).
+
+    On a machine shared with other work, load that comes and goes between two timing loops moves their
+    ratio; alternating the calls exposes both to the same load, so `baseline / fn` is steadier.
+
+    Args:
+        fn, baseline: the two calls, inputs prepared beforehand.
+        device: where they run (CUDA events on "cuda", `time.perf_counter` elsewhere).
+        budget_s: time to spend on both together.
+
+    Returns:
+        (median ms of fn, median ms of baseline).
+    """
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once(f: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        f()
+        sync()
+        return (time.perf_counter() - start) * 1e3
+
+    pair = (fn, baseline)
+    for f in pair:  # warm-up
+        f()
+    estimate = sum(once(f) for f in pair)
+    reps = int(min(200, max(5, 1e3 * budget_s / max(estimate, 1e-3))))
+    times = [[once(f) for f in pair] for _ in range(reps)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def rates(ms: float, flops: float | None = None, nbytes: float | None = None) -> dict:
     """TFLOP/s and GB/s (1e9 bytes/s) of one call that took `ms` milliseconds."""
     out = {}

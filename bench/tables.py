@@ -19,7 +19,7 @@ LAYOUTS = {
     "tokenizer.csv": (
         "Wavelet tokenizer",
         [("provider", "provider"), ("backend", "backend"), ("ms", "ms"), ("cpu_ms", "CPU ms"), ("gbps", "GB/s"),
-         ("frac_copy", "of copy"), ("max_err", "max err")],
+         ("frac_copy", "of copy"), ("frac_copy_alt", "of copy, alternated"), ("max_err", "max err")],
     ),
     "attention.csv": (
         "Block-causal attention",
@@ -52,7 +52,7 @@ def _fmt(value: str, column: str) -> str:
         x = float(value)
     except ValueError:
         return str(value).replace("|", "/")
-    if column == "frac_copy":
+    if column in ("frac_copy", "frac_copy_alt"):
         return f"{100 * x:.3g}%"
     if column in ("percent_of_teacher",):
         return f"{x:.1f}%"

@@ -128,6 +128,8 @@ def test_bench_quick_tokenizer_writes_csv_png_and_tables(cli, tmp_path):
     for name in ("waveclip:reference", "pytorch_wavelets", "ptwt"):
         assert by_provider[name]["status"] == "ok" and float(by_provider[name]["max_err"]) < 1e-5
     assert float(by_provider["copy"]["frac_copy"]) == 1.0
+    for name in ("waveclip:reference", "ptwt", "copy"):
+        assert float(by_provider[name]["frac_copy_alt"]) > 0
     assert rows[0]["torch"] == torch.__version__ and rows[0]["device"].startswith("CPU")
     assert (tmp_path / "tokenizer.png").is_file() and (tmp_path / "flops.csv").is_file()
     tables = (tmp_path / "README_tables.md").read_text()
@@ -171,6 +173,26 @@ def test_every_command_module_has_the_interface():
     for _, path, _ in COMMANDS:
         module = importlib.import_module(path)
         assert callable(module.add_arguments) and callable(module.run), path
+
+
+def test_time_alternating_alternates_the_calls_and_returns_both_medians():
+    import time
+
+    from bench import common
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+
+    slow_ms, fast_ms = common.time_alternating(slow, fast, "cpu", budget_s=0.05)
+    timed = calls[4:]  # after one warm-up call and one estimate call of each
+    assert len(timed) >= 10 and timed == ["slow", "fast"] * (len(timed) // 2)
+    assert slow_ms >= 4.0 > 1.0 > fast_ms
 
 
 def test_tables_flag_a_kernel_worse_than_twice_pytorch(tmp_path):
