@@ -455,21 +455,27 @@ WAVECLIP_AVX512 void level1_cell(const float* x, int64_t sC, int64_t sH, int64_t
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) mv[i][k] = _mm512_set1_ps(m[i][k]);
   // The row pair kPrefetchRowPairs on: row pair `ahead_row` of cell `ahead_cell`, `ahead_strip` strips on.
+  // Its address is formed as an integer: it may lie past the end of the images.
   const int64_t ahead = gx * h2 + kPrefetchRowPairs;
   int64_t ahead_strip = ahead / (h2 * cells), ahead_cell = ahead / h2 % cells, ahead_row = ahead % h2;
+  const auto prefetch = [x](int64_t at) {
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x) + at * sizeof(float)), _MM_HINT_T0);
+  };
   for (int64_t py = 0; py < h2; ++py) {
     const float* top = x + 2 * py * sH;
     const float* bottom = top + sH;
-    const float* next = x + 2 * (ahead_strip * h2 + ahead_row) * sH;
+    const int64_t next_row = 2 * (ahead_strip * h2 + ahead_row) * sH;
+    float* band = bands + py * pw;
+    float* low = approx + py * pw;
     for (int64_t px = 0; px < pw; px += 16) {
-      const int64_t col = 2 * (gx * pw + px), next_col = 2 * (ahead_cell * pw + px);
+      const int64_t col = 2 * (gx * pw + px), next = next_row + 2 * (ahead_cell * pw + px);
       __m512 t[2][3][2];  // (image row, channel, first/second 16 pixels)
       for (int c = 0; c < 3; ++c)
         for (int k = 0; k < 2; ++k) {
           t[0][c][k] = _mm512_loadu_ps(top + c * sC + col + 16 * k);
           t[1][c][k] = _mm512_loadu_ps(bottom + c * sC + col + 16 * k);
-          _mm_prefetch(reinterpret_cast<const char*>(next + c * sC + next_col + 16 * k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(next + sH + c * sC + next_col + 16 * k), _MM_HINT_T0);
+          prefetch(next + c * sC + 16 * k);
+          prefetch(next + sH + c * sC + 16 * k);
         }
       for (int r = 0; r < 2; ++r)
         for (int k = 0; k < 2; ++k) {
@@ -481,7 +487,7 @@ WAVECLIP_AVX512 void level1_cell(const float* x, int64_t sC, int64_t sH, int64_t
       for (int c = 0; c < 3; ++c) {
         const Quad o = butterfly<!LAST>(evens(t[0][c][0], t[0][c][1]), odds(t[0][c][0], t[0][c][1]),
                                          evens(t[1][c][0], t[1][c][1]), odds(t[1][c][0], t[1][c][1]));
-        store_quad<STREAM, STREAM && LAST>(o, bands + 3 * c * plane + py * pw + px, plane, approx + c * plane + py * pw + px);
+        store_quad<STREAM, STREAM && LAST>(o, band + 3 * c * plane + px, plane, low + c * plane + px);
       }
     }
     if (++ahead_row == h2) {
@@ -617,15 +623,15 @@ void tokenize_avx512(const at::Tensor& images, const Geometry& g, bool ycbcr, st
   float m[3][3];  // the colour matrix times 1/2 (the level-1 Haar scaling, exact)
   for (int i = 0; i < 3; ++i)
     for (int k = 0; k < 3; ++k) m[i][k] = 0.5f * static_cast<float>(md[i][k]);
+  const bool stream = avx512_tokenizer_streams(g);
   std::vector<float*> dst(g.levels + 1);  // stage s: (B, G, dim_s) contiguous
   for (int64_t s = 0; s <= g.levels; ++s) {
     dst[s] = out[s].data_ptr<float>();
     // Token dims and plane offsets are multiples of 16 floats: every store is aligned if the tensor is.
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(dst[s]) % 64 == 0, "wavelet_tokenize: stage ", s,
-                " tokens are not 64-byte aligned");
+    TORCH_CHECK(!stream || reinterpret_cast<uintptr_t>(dst[s]) % 64 == 0, "wavelet_tokenize: stage ", s,
+                " tokens are not 64-byte aligned for streaming stores");
   }
   const int64_t sB = images.stride(0), sC = images.stride(1), sH = images.stride(2);
-  const bool stream = avx512_tokenizer_streams(g);
   if (ycbcr && stream)
     tokenize_avx512_typed<true, true>(x, sB, sC, sH, g, m, dst);
   else if (ycbcr)
