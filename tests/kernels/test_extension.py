@@ -344,6 +344,7 @@ def test_block_causal_nan_in_a_later_block_stays_there():
 def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
     x = torch.randn(3, 3, 48, 72, dtype=dtype)
     wide = torch.randn(3, 3, 96, 160, dtype=dtype)
+    streamed = torch.randn(3, 3, 224, 224)  # 1.8 MB of float32 tokens: the AVX-512 kernel's streaming stores
     # 70 new rows: one query tile per (batch, head).
     case = kv_case(3, 2, 70, 8, 5, 96, [4, 0, 26], [2, 4, 0], dtype=dtype)
     q, k_new, v_new, k_cache, v_cache, lens, index = case.args()
@@ -358,6 +359,7 @@ def test_results_do_not_depend_on_the_thread_count(kv_case, dtype):
             torch.set_num_threads(count)
             tokens = tokenize(x, 2, (3, 3), "ycbcr")
             wide_tokens = tokenize(wide, 3, (3, 5), "ycbcr")  # float32: the AVX-512 kernel, where the CPU has it
+            wide_tokens += tokenize(streamed, 3, (7, 7), "ycbcr")
             image = extension.wavelet_detokenize(tokens, 2, (3, 3), "ycbcr", (48, 72))
             kc, vc = k_cache.clone(), v_cache.clone()
             out = extension.attention_with_kv_append(q, k_new, v_new, kc, vc, lens, index, 0.5)
