@@ -438,7 +438,7 @@ WAVECLIP_AVX512 inline void store_quad(const Quad& o, float* band, int64_t plane
 
 // How far ahead level 1 prefetches its image rows, in row pairs of the strip's (cell, row pair) order:
 // on into the next cells and past the strip's end into the next strip (a prefetch never faults,
-// whatever the address). Measured best at 12-14 for 16-wide patches; 2, 4 and 8 were slower.
+// whatever the address). With 16-wide patches 12 to 24 measured about the same, 8 or fewer slower.
 constexpr int64_t kPrefetchRowPairs = 12;
 
 // Level 1 of cell gx of a strip, fused with the colour transform (MIX: m is the matrix pre-multiplied by
