@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import functools
 import pathlib
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -283,33 +282,9 @@ def _time_paired(providers: list[dict], rows: list[dict], device, budget_s: floa
     pair = [(p, r) for p, r in zip(providers, rows) if (p.get("auto") or p.get("naive")) and r["status"] == "ok"]
     if not pair:
         return
-    fns = [p["fn"] for p, _ in pair]
-    state = {"i": 0}
-
-    def step():  # one call of each, in turn
-        fns[state["i"] % len(fns)]()
-        state["i"] += 1
-
-    for _ in range(3 * len(fns)):
-        step()
-    start = time.perf_counter()
-    for fn in fns:
-        fn()
-    estimate = max(time.perf_counter() - start, 1e-6)
-    reps = int(min(200, max(7, 2 * budget_s / estimate)))
-    times = [[] for _ in fns]
-    cpu_times = [[] for _ in fns]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            sync()
-            begin, cpu_begin = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            times[i].append((time.perf_counter() - begin) * 1e3)
-            cpu_times[i].append((time.process_time() - cpu_begin) * 1e3)
-    for (p, row), t, c in zip(pair, times, cpu_times):
-        row |= {"ms": statistics.median(t), "ms_min": min(t), "cpu_ms": statistics.median(c), "reps": reps}
+    timings = common.time_interleaved([p["fn"] for p, _ in pair], device, min_reps=7, budget_s=2 * budget_s)
+    for (p, row), t in zip(pair, timings, strict=True):
+        row |= {"ms": t.ms, "ms_min": t.ms_min, "cpu_ms": t.cpu_ms, "reps": t.reps}
         row["note"] = "; ".join(
             x
             for x in (

@@ -171,8 +171,8 @@ def _alternate_with_copy(rows: list[dict], fns: dict, budget_s: float, device: t
         return
     for r in rows:
         if r["provider"] in fns:
-            ms, copy_ms = common.time_alternating(fns[r["provider"]], fns["copy"], device, budget_s=budget_s)
-            r["frac_copy_alt"] = copy_ms / ms
+            timing, copy = common.time_interleaved([fns[r["provider"]], fns["copy"]], device, budget_s=budget_s)
+            r["frac_copy_alt"] = copy.ms / timing.ms
 
 
 def run(out_dir=common.DEFAULT_OUT, device="cpu", cases=None, quick: bool = False, budget_s: float = 1.0) -> list[dict]:

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,39 +106,51 @@ def time_fn(
     return Timing(ms=statistics.median(times), ms_min=min(times), reps=reps, cpu_ms=cpu_ms)
 
 
-def time_alternating(
-    fn: Callable[[], object], baseline: Callable[[], object], device: str | torch.device, *, budget_s: float = 1.0
-) -> tuple[float, float]:
-    """Median wall ms of `fn()` and of `baseline()` with their calls alternated (synchronized on a GPU).
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    device: str | torch.device,
+    *,
+    warmup: int = 3,
+    min_reps: int = 5,
+    budget_s: float = 1.0,
+) -> list[Timing]:
+    """Timings of several calls made in turn, one call of each per round (synchronized on a GPU).
 
-    On a machine shared with other work, load that comes and goes between two timing loops moves their
-    ratio; alternating the calls exposes both to the same load, so `baseline / fn` is steadier.
+    On a machine shared with other work, load that comes and goes between separate timing loops moves
+    their ratio; interleaving the calls exposes all of them to the same load, so their ratios are steadier.
 
     Args:
-        fn, baseline: the two calls, inputs prepared beforehand.
-        device: where they run (CUDA events on "cuda", `time.perf_counter` elsewhere).
-        budget_s: time to spend on both together.
+        fns: the calls, inputs prepared beforehand.
+        device: where they run ("cuda" synchronizes around each call; timed with `time.perf_counter`).
+        warmup: untimed rounds first.
+        min_reps: fewest timed rounds (at most 200); between the two the count fills `budget_s`.
+        budget_s: time to spend on the timed rounds, all calls together.
 
     Returns:
-        (median ms of fn, median ms of baseline).
+        One Timing per call, in order (median and min wall ms, rounds, median process CPU ms).
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def once(f: Callable[[], object]) -> float:
+    def once(f: Callable[[], object]) -> tuple[float, float]:
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         f()
         sync()
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3
 
-    pair = (fn, baseline)
-    for f in pair:  # warm-up
-        f()
-    estimate = sum(once(f) for f in pair)
-    reps = int(min(200, max(5, 1e3 * budget_s / max(estimate, 1e-3))))
-    times = [[once(f) for f in pair] for _ in range(reps)]
-    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    estimate = sum(once(f)[0] for f in fns)
+    reps = int(min(200, max(min_reps, 1e3 * budget_s / max(estimate, 1e-3))))
+    rounds = [[once(f) for f in fns] for _ in range(reps)]
+    timings = []
+    for i in range(len(fns)):
+        wall = [r[i][0] for r in rounds]
+        cpu = statistics.median(r[i][1] for r in rounds)
+        timings.append(Timing(ms=statistics.median(wall), ms_min=min(wall), reps=reps, cpu_ms=cpu))
+    return timings
 
 
 def rates(ms: float, flops: float | None = None, nbytes: float | None = None) -> dict:

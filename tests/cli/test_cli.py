@@ -175,7 +175,7 @@ def test_every_command_module_has_the_interface():
         assert callable(module.add_arguments) and callable(module.run), path
 
 
-def test_time_alternating_alternates_the_calls_and_returns_both_medians():
+def test_time_interleaved_alternates_the_calls_and_returns_each_median():
     import time
 
     from bench import common
@@ -189,10 +189,10 @@ def test_time_alternating_alternates_the_calls_and_returns_both_medians():
     def fast():
         calls.append("fast")
 
-    slow_ms, fast_ms = common.time_alternating(slow, fast, "cpu", budget_s=0.05)
+    slow_timing, fast_timing = common.time_interleaved([slow, fast], "cpu", warmup=1, budget_s=0.05)
     timed = calls[4:]  # after one warm-up call and one estimate call of each
     assert len(timed) >= 10 and timed == ["slow", "fast"] * (len(timed) // 2)
-    assert slow_ms >= 4.0 > 1.0 > fast_ms
+    assert slow_timing.ms >= 4.0 > 1.0 > fast_timing.ms and slow_timing.reps == len(timed) // 2
 
 
 def test_tables_flag_a_kernel_worse_than_twice_pytorch(tmp_path):
